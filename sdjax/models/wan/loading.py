@@ -1,0 +1,177 @@
+"""Loading the Wan DiT from a diffusers-format directory, the original Wan layout, or an Orbax checkpoint.
+
+Construction and loading are separate: the model is built abstractly (`nnx.eval_shape`, no memory), every
+parameter is mapped to exactly one checkpoint tensor (strict: missing, unexpected or mis-shaped tensors are
+errors naming the key), and each tensor is read from the memory-mapped file only when it is placed.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sdjax.models.wan.transformer import WanTransformer3DModel, WanTransformerConfig
+from sdjax.models.weights import SafetensorsDir, WeightsError, check_keys, read_config
+
+# Our module names differ from diffusers' in two places (torch ModuleList/Sequential indices).
+_OURS_TO_DIFFUSERS = (("to_out.", "to_out.0."), ("ffn.fc1.", "ffn.net.0.proj."), ("ffn.fc2.", "ffn.net.2."))
+
+# Original Wan2.1 checkpoint names -> diffusers names (block-level names use the {i} placeholder).
+_ORIGINAL_TO_DIFFUSERS = [
+    (r"^text_embedding\.0\.", "condition_embedder.text_embedder.linear_1."),
+    (r"^text_embedding\.2\.", "condition_embedder.text_embedder.linear_2."),
+    (r"^time_embedding\.0\.", "condition_embedder.time_embedder.linear_1."),
+    (r"^time_embedding\.2\.", "condition_embedder.time_embedder.linear_2."),
+    (r"^time_projection\.1\.", "condition_embedder.time_proj."),
+    (r"^head\.head\.", "proj_out."),
+    (r"^head\.modulation$", "scale_shift_table"),
+    (r"^blocks\.(\d+)\.modulation$", r"blocks.\1.scale_shift_table"),
+    (r"^blocks\.(\d+)\.self_attn\.([qkv])\.", r"blocks.\1.attn1.to_\2."),
+    (r"^blocks\.(\d+)\.self_attn\.o\.", r"blocks.\1.attn1.to_out.0."),
+    (r"^blocks\.(\d+)\.self_attn\.norm_([qk])\.", r"blocks.\1.attn1.norm_\2."),
+    (r"^blocks\.(\d+)\.cross_attn\.([qkv])\.", r"blocks.\1.attn2.to_\2."),
+    (r"^blocks\.(\d+)\.cross_attn\.o\.", r"blocks.\1.attn2.to_out.0."),
+    (r"^blocks\.(\d+)\.cross_attn\.norm_([qk])\.", r"blocks.\1.attn2.norm_\2."),
+    (r"^blocks\.(\d+)\.norm3\.", r"blocks.\1.norm2."),
+    (r"^blocks\.(\d+)\.ffn\.0\.", r"blocks.\1.ffn.net.0.proj."),
+    (r"^blocks\.(\d+)\.ffn\.2\.", r"blocks.\1.ffn.net.2."),
+]
+
+# Original `config.json` field names -> diffusers names.
+_ORIGINAL_CONFIG = {"num_heads": "num_attention_heads", "in_dim": "in_channels", "out_dim": "out_channels",
+                    "num_layers": "num_layers", "ffn_dim": "ffn_dim", "freq_dim": "freq_dim", "eps": "eps"}
+
+
+def original_to_diffusers_key(key: str) -> str:
+    for pattern, repl in _ORIGINAL_TO_DIFFUSERS:
+        new, n = re.subn(pattern, repl, key)
+        if n:
+            return new
+    return key  # patch_embedding.* is the same in both
+
+
+def original_to_diffusers_config(raw: dict) -> dict:
+    """The original `config.json` (dim, num_heads, ...) in diffusers' names."""
+    if "dim" not in raw or "num_heads" not in raw:
+        raise WeightsError("original Wan config.json needs 'dim' and 'num_heads'")
+    out = {new: raw[old] for old, new in _ORIGINAL_CONFIG.items() if old in raw}
+    out["attention_head_dim"] = raw["dim"] // raw["num_heads"]
+    out["text_dim"] = raw.get("text_dim", 4096)
+    return out
+
+
+def _is_original_layout(tensors) -> bool:
+    return any(k.startswith(("time_embedding.", "head.head.")) for k in tensors)
+
+
+def _param_entries(abstract_model):
+    """(our dotted path, diffusers key or per-layer key template, stacked?) for every parameter."""
+    state = nnx.state(abstract_model, nnx.Param)
+    entries = []
+    for path, var in nnx.to_flat_state(state):
+        dotted = ".".join(str(p) for p in path)
+        leaf = path[-1]
+        key = dotted
+        if leaf == "kernel":
+            key = key[: -len("kernel")] + "weight"
+        for ours, theirs in _OURS_TO_DIFFUSERS:
+            key = key.replace(ours, theirs)
+        stacked = path[0] == "blocks"
+        if stacked:
+            key = "blocks.{i}." + key[len("blocks.") :]
+        entries.append((path, key, var, stacked))
+    return entries
+
+
+def _to_ours(arr: np.ndarray, leaf: str) -> np.ndarray:
+    """torch layout -> ours: Linear (out, in) -> (in, out); Conv3d (O, I, t, h, w) -> (t, h, w, I, O)."""
+    if leaf == "kernel":
+        if arr.ndim == 2:
+            return arr.T
+        if arr.ndim == 5:
+            return arr.transpose(2, 3, 4, 1, 0)
+    return arr
+
+
+def load_weights_into(model: WanTransformer3DModel, directory: str | Path, shardings=None) -> None:
+    """Fill every parameter of `model` (possibly abstract) from safetensors in `directory`, strictly."""
+    tensors = SafetensorsDir(directory)
+    original = _is_original_layout(tensors)
+    names = {original_to_diffusers_key(k): k for k in tensors} if original else {k: k for k in tensors}
+    entries = _param_entries(model)
+    n_layers = model.config.num_layers
+    expected = set()
+    for _, key, _, stacked in entries:
+        expected.update(key.format(i=i) for i in range(n_layers)) if stacked else expected.add(key)
+    check_keys(set(names), expected, str(directory))
+
+    flat = {}
+    for path, key, var, stacked in entries:
+        keys = [key.format(i=i) for i in range(n_layers)] if stacked else [key]
+        want = tuple(var.shape[1:]) if stacked else tuple(var.shape)
+        parts = []
+        for k in keys:
+            arr = _to_ours(tensors[names[k]], str(path[-1]))
+            if tuple(arr.shape) != want:
+                raise WeightsError(f"{directory}: tensor {names[k]!r} has shape {tuple(arr.shape)} "
+                                   f"(in our layout), model expects {want}")
+            parts.append(np.asarray(arr, dtype=var.dtype))
+        value = np.stack(parts) if stacked else parts[0]
+        sharding = None if shardings is None else shardings.get(path)
+        flat[path] = jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value)
+    _assign(model, flat)
+
+
+def _assign(model, flat):
+    state = nnx.state(model, nnx.Param)
+    for path, var in nnx.to_flat_state(state):
+        var.set_value(flat[path])
+    nnx.update(model, state)
+
+
+def read_transformer_config(directory: str | Path) -> WanTransformerConfig:
+    raw = read_config(directory)
+    if raw.get("_class_name") == "WanModel" or "dim" in raw:
+        raw = original_to_diffusers_config(raw)
+    try:
+        return WanTransformerConfig.from_dict(raw)
+    except (TypeError, ValueError) as e:
+        raise WeightsError(f"{Path(directory) / 'config.json'}: {e}") from None
+
+
+def abstract_transformer(cfg: WanTransformerConfig, dtype: str, attention_backend: str = "auto"):
+    return nnx.eval_shape(lambda: WanTransformer3DModel(cfg, dtype=dtype, attention_backend=attention_backend,
+                                                        rngs=nnx.Rngs(0)))
+
+
+def load_transformer(path: str | Path, dtype: str = "float32", *, attention_backend: str = "auto",
+                     expected_config: WanTransformerConfig | None = None) -> WanTransformer3DModel:
+    """The Wan DiT from a diffusers `transformer/` dir, an original Wan dir, or an Orbax dir (`convert`)."""
+    path = Path(path)
+    if not path.exists():
+        raise WeightsError(f"{path}: transformer weights directory does not exist")
+    cfg = read_transformer_config(path)
+    if expected_config is not None:
+        try:
+            expected_config.check_matches(dataclasses_asdict(cfg), str(path / "config.json"))
+        except ValueError as e:
+            raise WeightsError(str(e)) from None
+    model = abstract_transformer(cfg, dtype, attention_backend)
+    if (path / "orbax").is_dir():  # converted by `python -m sdjax.convert`
+        from sdjax.models.wan.convert import restore_into
+
+        restore_into(model, path / "orbax")
+    else:
+        load_weights_into(model, path)
+    return model
+
+
+def dataclasses_asdict(cfg) -> dict:
+    import dataclasses
+
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}

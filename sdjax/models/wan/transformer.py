@@ -1,0 +1,388 @@
+"""The Wan2.1 diffusion transformer, the same function as diffusers' `WanTransformer3DModel`.
+
+Reads in forward order: config → numerics policy → helpers (norms, RoPE, timestep sinusoid) → embeddings →
+attention → block → model. Shapes: B batch, C latent channels, F/H/W latent frames/height/width, L video
+tokens, S text tokens, D model dim, N heads, K head dim.
+
+Numerics (bf16 mode): weights and matmuls in bf16; the residual stream, every LayerNorm + modulation, the
+q/k RMSNorm statistics, RoPE, the time path and the output head stay in fp32 (`FP32_PARAMS` lists the
+weights kept in fp32). This follows the original Wan code, which keeps the residual stream in fp32, and is
+more accurate than diffusers' bf16 residual at the same matmul cost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sdjax.kernels.attention import attention
+
+# ------------------------------------------------------------------------------------------ config
+
+
+@dataclass(frozen=True)
+class WanTransformerConfig:
+    """Architecture numbers, named as in diffusers' `transformer/config.json`."""
+
+    num_attention_heads: int
+    attention_head_dim: int
+    ffn_dim: int
+    num_layers: int
+    text_dim: int = 4096
+    in_channels: int = 16
+    out_channels: int = 16
+    freq_dim: int = 256
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    cross_attn_norm: bool = True
+    qk_norm: str = "rms_norm_across_heads"
+    eps: float = 1e-6
+    rope_max_seq_len: int = 1024
+    rope_theta: float = 10000.0
+
+    # text-to-video only: image conditioning fields must be absent
+    _T2V_ONLY = ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len")
+
+    def __post_init__(self):
+        object.__setattr__(self, "patch_size", tuple(self.patch_size))
+        if self.qk_norm != "rms_norm_across_heads":
+            raise ValueError(f"transformer config qk_norm={self.qk_norm!r}: only 'rms_norm_across_heads' is supported")
+        if not self.cross_attn_norm:
+            raise ValueError("transformer config cross_attn_norm=False is not supported (Wan2.1 uses True)")
+        if len(self.patch_size) != 3:
+            raise ValueError(f"transformer config patch_size={self.patch_size}: needs 3 entries (t, h, w)")
+
+    @property
+    def dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @classmethod
+    def from_dict(cls, d: dict) -> WanTransformerConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key in cls._T2V_ONLY:
+            if d.get(key) is not None:
+                raise ValueError(f"transformer config {key}={d[key]!r}: only text-to-video (null) is supported")
+        unknown = sorted(k for k in d if k not in names and k not in cls._T2V_ONLY and not k.startswith("_"))
+        if unknown:
+            raise ValueError(f"transformer config: unknown field(s) {unknown}")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def check_matches(self, other: dict, where: str) -> None:
+        """A checkpoint's config.json must agree with the model yaml, field by field."""
+        theirs = WanTransformerConfig.from_dict(other)
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) != getattr(theirs, f.name):
+                raise ValueError(f"{where}: config field {f.name}={getattr(theirs, f.name)!r} "
+                                 f"disagrees with the model config ({getattr(self, f.name)!r})")
+
+
+# ------------------------------------------------------------------------------------------ numerics
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# Weights kept in fp32 in bf16 mode (dotted path fragments of our state).
+FP32_PARAMS = ("condition_embedder.time_embedder", "condition_embedder.time_proj", "scale_shift_table",
+               "norm2", "norm_q", "norm_k", "proj_out")
+
+
+def _precision(dtype):
+    # fp32 mode is the parity mode: no TF32 on GPUs.
+    return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+
+def _linear(d_in, d_out, dtype, rngs, *, fp32=False):
+    dt = jnp.float32 if fp32 else dtype
+    return nnx.Linear(d_in, d_out, dtype=dt, param_dtype=dt, precision=_precision(dt), rngs=rngs)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def layer_norm(x, eps):
+    """LayerNorm without affine parameters, in fp32."""
+    x = x.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
+class LayerNorm(nnx.Module):
+    """Affine LayerNorm (the cross-attention norm `norm2`), computed in fp32."""
+
+    def __init__(self, dim, eps):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+
+    def __call__(self, x):
+        return layer_norm(x, self.eps) * self.weight[...] + self.bias[...]
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm over the whole model dim (all heads together), statistics in fp32."""
+
+    def __init__(self, dim, eps):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps)
+        return (normed * self.weight[...]).astype(x.dtype)
+
+
+def rope_angles(grid: tuple[int, int, int], head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin (L, K/2) for the 3-D RoPE: K split t:h:w as K-4(K//6) : 2(K//6) : 2(K//6).
+
+    Computed on the host in float64 then rounded to fp32, as the reference does; the grid is static.
+    """
+    axis_dims = (head_dim - 4 * (head_dim // 6), 2 * (head_dim // 6), 2 * (head_dim // 6))
+    parts = []
+    for axis, (n, d) in enumerate(zip(grid, axis_dims, strict=True)):
+        freqs = 1.0 / theta ** (np.arange(0, d, 2, dtype=np.float64) / d)  # (d/2,)
+        ang = np.outer(np.arange(n, dtype=np.float64), freqs)  # (n, d/2)
+        shape = [1, 1, 1, d // 2]
+        shape[axis] = n
+        parts.append(np.broadcast_to(ang.reshape(shape), (*grid, d // 2)))
+    angles = np.concatenate(parts, axis=-1).reshape(-1, head_dim // 2)  # (L, K/2), f-major token order
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (B, L, N, K) by the angles (L, K/2), in fp32."""
+    x32 = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+    x1, x2 = x32[..., 0], x32[..., 1]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    out = jnp.stack([x1 * c - x2 * s, x1 * s + x2 * c], axis=-1)
+    return out.reshape(x.shape).astype(x.dtype)
+
+
+def timestep_sinusoid(t, dim):
+    """[cos(t f), sin(t f)] with f_i = 10000^(-i/(dim/2)), in fp32 like diffusers."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[:, None] * freqs[None, :]
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+# ------------------------------------------------------------------------------------------ embeddings
+
+
+class PatchEmbedding(nnx.Module):
+    """Conv3d with kernel = stride = patch size, written as a matmul over non-overlapping patches."""
+
+    def __init__(self, cfg: WanTransformerConfig, dtype, rngs):
+        pt, ph, pw = cfg.patch_size
+        init = nnx.initializers.lecun_normal()
+        self.kernel = nnx.Param(init(rngs.params(), (pt, ph, pw, cfg.in_channels, cfg.dim), dtype))
+        self.bias = nnx.Param(jnp.zeros((cfg.dim,), dtype))
+        self.patch_size = cfg.patch_size
+        self.dtype = dtype
+
+    def __call__(self, latents):  # (B, C, F, H, W) -> (B, L, D)
+        B, C, F, H, W = latents.shape
+        pt, ph, pw = self.patch_size
+        x = latents.astype(self.dtype).reshape(B, C, F // pt, pt, H // ph, ph, W // pw, pw)
+        x = x.transpose(0, 2, 4, 6, 3, 5, 7, 1)  # (B, F', H', W', pt, ph, pw, C)
+        y = jnp.einsum("bfuvthwc,thwcd->bfuvd", x, self.kernel[...], precision=_precision(self.dtype))
+        return (y + self.bias[...]).reshape(B, -1, y.shape[-1])
+
+
+class TimestepEmbedding(nnx.Module):
+    def __init__(self, d_in, dim, rngs):
+        self.linear_1 = _linear(d_in, dim, jnp.float32, rngs, fp32=True)
+        self.linear_2 = _linear(dim, dim, jnp.float32, rngs, fp32=True)
+
+    def __call__(self, s):
+        return self.linear_2(jax.nn.silu(self.linear_1(s)))
+
+
+class TextEmbedding(nnx.Module):
+    def __init__(self, d_in, dim, dtype, rngs):
+        self.linear_1 = _linear(d_in, dim, dtype, rngs)
+        self.linear_2 = _linear(dim, dim, dtype, rngs)
+
+    def __call__(self, c):
+        return self.linear_2(jax.nn.gelu(self.linear_1(c), approximate=True))
+
+
+class ConditionEmbedder(nnx.Module):
+    """Timestep → (temb (B, D), six modulation vectors e0 (B, 6, D)); text (B, S, T) → (B, S, D)."""
+
+    def __init__(self, cfg: WanTransformerConfig, dtype, rngs):
+        self.freq_dim = cfg.freq_dim
+        self.dtype = dtype
+        self.time_embedder = TimestepEmbedding(cfg.freq_dim, cfg.dim, rngs)
+        self.time_proj = _linear(cfg.dim, 6 * cfg.dim, jnp.float32, rngs, fp32=True)
+        self.text_embedder = TextEmbedding(cfg.text_dim, cfg.dim, dtype, rngs)
+
+    def time(self, timestep):
+        temb = self.time_embedder(timestep_sinusoid(timestep, self.freq_dim))
+        e0 = self.time_proj(jax.nn.silu(temb))
+        return temb, e0.reshape(e0.shape[0], 6, -1)
+
+    def text(self, context):
+        return self.text_embedder(context.astype(self.dtype))
+
+
+# ------------------------------------------------------------------------------------------ attention
+
+
+class Attention(nnx.Module):
+    """Multi-head attention with q/k RMSNorm across heads; RoPE on q/k when given (self-attention)."""
+
+    def __init__(self, cfg: WanTransformerConfig, dtype, attention_backend: str, rngs):
+        d = cfg.dim
+        self.heads = cfg.num_attention_heads
+        self.backend = attention_backend
+        self.to_q = _linear(d, d, dtype, rngs)
+        self.to_k = _linear(d, d, dtype, rngs)
+        self.to_v = _linear(d, d, dtype, rngs)
+        self.to_out = _linear(d, d, dtype, rngs)
+        self.norm_q = RMSNorm(d, cfg.eps)
+        self.norm_k = RMSNorm(d, cfg.eps)
+
+    def __call__(self, x, context=None, rope=None):
+        src = x if context is None else context
+        q = self.norm_q(self.to_q(x))
+        k = self.norm_k(self.to_k(src))
+        v = self.to_v(src)
+        heads = lambda t: t.reshape(*t.shape[:2], self.heads, -1)  # (B, T, D) -> (B, T, N, K)
+        q, k, v = heads(q), heads(k), heads(v)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = attention(q, k, v, backend=self.backend)
+        return self.to_out(out.reshape(*out.shape[:2], -1))
+
+
+class FeedForward(nnx.Module):
+    def __init__(self, dim, ffn_dim, dtype, rngs):
+        self.fc1 = _linear(dim, ffn_dim, dtype, rngs)
+        self.fc2 = _linear(ffn_dim, dim, dtype, rngs)
+
+    def __call__(self, x):
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+
+
+# ------------------------------------------------------------------------------------------ block
+
+
+class WanBlock(nnx.Module):
+    """Self-attention (modulated, gated) → cross-attention to text → FFN (modulated, gated)."""
+
+    def __init__(self, cfg: WanTransformerConfig, dtype, attention_backend: str, rngs):
+        self.eps = cfg.eps
+        self.dtype = dtype
+        self.attn1 = Attention(cfg, dtype, attention_backend, rngs)
+        self.norm2 = LayerNorm(cfg.dim, cfg.eps)
+        self.attn2 = Attention(cfg, dtype, attention_backend, rngs)
+        self.ffn = FeedForward(cfg.dim, cfg.ffn_dim, dtype, rngs)
+        self.scale_shift_table = nnx.Param(
+            jax.random.normal(rngs.params(), (1, 6, cfg.dim), jnp.float32) / math.sqrt(cfg.dim))
+
+    def __call__(self, x, e0, text, rope):
+        """x (B, L, D) fp32 residual stream; e0 (B, 6, D) fp32; text (B, S, D); rope = (cos, sin)."""
+        mod = self.scale_shift_table[...] + e0
+        shift1, scale1, gate1, shift2, scale2, gate2 = (mod[:, i : i + 1] for i in range(6))
+        u = (layer_norm(x, self.eps) * (1 + scale1) + shift1).astype(self.dtype)
+        x = x + self.attn1(u, rope=rope).astype(jnp.float32) * gate1
+        u = self.norm2(x).astype(self.dtype)
+        x = x + self.attn2(u, context=text).astype(jnp.float32)
+        u = (layer_norm(x, self.eps) * (1 + scale2) + shift2).astype(self.dtype)
+        return x + self.ffn(u).astype(jnp.float32) * gate2
+
+
+# ------------------------------------------------------------------------------------------ model
+
+
+class WanTransformer3DModel(nnx.Module):
+    """`model(latents (B, C, F, H, W), timestep (B,), context (B, S, text_dim)) -> (B, C, F, H, W)`."""
+
+    def __init__(self, cfg: WanTransformerConfig, *, dtype: str = "float32", attention_backend: str = "auto",
+                 rngs: nnx.Rngs):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not allowed: one of {', '.join(DTYPES)}")
+        self.config = cfg
+        self.dtype = dt = DTYPES[dtype]
+        self.patch_embedding = PatchEmbedding(cfg, dt, rngs)
+        self.condition_embedder = ConditionEmbedder(cfg, dt, rngs)
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def stacked_blocks(r):
+            return WanBlock(cfg, dt, attention_backend, r)
+
+        self.blocks = stacked_blocks(rngs)  # every param has a leading (num_layers,) axis
+        self.scale_shift_table = nnx.Param(
+            jax.random.normal(rngs.params(), (1, 2, cfg.dim), jnp.float32) / math.sqrt(cfg.dim))
+        out = math.prod(cfg.patch_size) * cfg.out_channels
+        self.proj_out = _linear(cfg.dim, out, jnp.float32, rngs, fp32=True)
+
+    # The pieces, so samplers and caches can compose them (embed → blocks → head).
+
+    def embed(self, latents, timestep, context):
+        """Returns x (B, L, D) fp32, temb (B, D), e0 (B, 6, D), text (B, S, D), rope (cos, sin)."""
+        self._check_inputs(latents, timestep, context)
+        cfg = self.config
+        x = self.patch_embedding(latents).astype(jnp.float32)
+        temb, e0 = self.condition_embedder.time(timestep)
+        text = self.condition_embedder.text(context)
+        cos, sin = rope_angles(self.token_grid(latents.shape), cfg.attention_head_dim, cfg.rope_theta)
+        return x, temb, e0, text, (jnp.asarray(cos), jnp.asarray(sin))
+
+    def run_blocks(self, x, e0, text, rope, blocks=None):
+        """Run the stacked blocks with one scan (compile time does not grow with depth)."""
+        graphdef, state = nnx.split(self.blocks if blocks is None else blocks)
+
+        def body(h, layer_state):
+            return nnx.merge(graphdef, layer_state)(h, e0, text, rope), None
+
+        return jax.lax.scan(body, x, state)[0]
+
+    def head(self, x, temb, latent_shape):
+        """Modulated LayerNorm + projection, then unpatchify to (B, C, F, H, W) fp32."""
+        mod = self.scale_shift_table[...] + temb[:, None, :]
+        shift, scale = mod[:, 0:1], mod[:, 1:2]
+        y = self.proj_out(layer_norm(x, self.config.eps) * (1 + scale) + shift)
+        B, _, F, H, W = latent_shape
+        pt, ph, pw = self.config.patch_size
+        y = y.reshape(B, F // pt, H // ph, W // pw, pt, ph, pw, -1)  # channel fastest in each patch
+        y = y.transpose(0, 7, 1, 4, 2, 5, 3, 6)
+        return y.reshape(B, -1, F, H, W)
+
+    def __call__(self, latents, timestep, context):
+        x, temb, e0, text, rope = self.embed(latents, timestep, context)  # 1. patches, time, text, RoPE
+        x = self.run_blocks(x, e0, text, rope)  # 2. the blocks
+        return self.head(x, temb, latents.shape)  # 3. head + unpatchify
+
+    # ------------------------------------------------------------------ checks
+
+    def token_grid(self, latent_shape) -> tuple[int, int, int]:
+        pt, ph, pw = self.config.patch_size
+        _, _, F, H, W = latent_shape
+        return F // pt, H // ph, W // pw
+
+    def _check_inputs(self, latents, timestep, context):
+        cfg = self.config
+        if latents.ndim != 5 or latents.shape[1] != cfg.in_channels:
+            raise ValueError(f"latents: expected (B, {cfg.in_channels}, F, H, W), got {tuple(latents.shape)}")
+        _, _, F, H, W = latents.shape
+        for name, n, p in zip(("F", "H", "W"), (F, H, W), cfg.patch_size, strict=True):
+            if n % p:
+                raise ValueError(f"latents: {name}={n} is not a multiple of the patch size {p}")
+        if max(self.token_grid(latents.shape)) > cfg.rope_max_seq_len:
+            raise ValueError(f"latents: token grid {self.token_grid(latents.shape)} exceeds "
+                             f"rope_max_seq_len={cfg.rope_max_seq_len}")
+        B = latents.shape[0]
+        if timestep.shape != (B,):
+            raise ValueError(f"timestep: expected shape ({B},), got {tuple(timestep.shape)}")
+        if context.ndim != 3 or context.shape[0] != B or context.shape[2] != cfg.text_dim:
+            raise ValueError(f"context: expected ({B}, S, {cfg.text_dim}), got {tuple(context.shape)}")
+        for name, arr in (("latents", latents), ("context", context)):
+            if not jnp.issubdtype(arr.dtype, jnp.floating):
+                raise ValueError(f"{name}: expected a floating dtype, got {arr.dtype}")

@@ -1,0 +1,165 @@
+"""Parity of the Wan DiT with diffusers' WanTransformer3DModel (fixtures: tools/make_wan_dit_fixtures.py)."""
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sdjax.models.wan import load_transformer
+from sdjax.models.wan.loading import abstract_transformer
+from sdjax.models.wan.transformer import FP32_PARAMS, WanTransformerConfig
+from sdjax.models.weights import WeightsError
+from tests.conftest import FIXTURES, rel_l2
+
+DIT = FIXTURES / "wan_dit"
+CASES = ["heads2_odd", "heads3_b2", "heads4_deep"]
+
+
+def run(model, io):
+    return np.asarray(jax.jit(lambda m, x, t, c: m(x, t, c))(
+        model, jnp.asarray(io["latents"]), jnp.asarray(io["timestep"]), jnp.asarray(io["context"])))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fp32_parity(case):
+    io = np.load(DIT / case / "io.npz")
+    out = run(load_transformer(DIT / case, dtype="float32"), io)
+    assert out.shape == io["output"].shape
+    assert rel_l2(out, io["output"]) <= 1e-5
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bf16_close_to_fp32_reference(case):
+    io = np.load(DIT / case / "io.npz")
+    out = run(load_transformer(DIT / case, dtype="bfloat16"), io)
+    assert out.dtype == np.float32
+    assert rel_l2(out, io["output"]) <= 1e-2
+
+
+def test_original_wan_layout_loads_to_the_same_function():
+    io = np.load(DIT / "heads2_odd" / "io.npz")
+    out = run(load_transformer(DIT / "heads2_odd" / "original", dtype="float32"), io)
+    assert rel_l2(out, io["output"]) <= 1e-5
+
+
+def test_bf16_keeps_exactly_the_declared_params_in_fp32():
+    cfg = WanTransformerConfig(num_attention_heads=2, attention_head_dim=12, ffn_dim=32, num_layers=2, text_dim=32)
+    model = abstract_transformer(cfg, "bfloat16")
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        dotted = ".".join(map(str, path))
+        declared = any(frag in dotted for frag in FP32_PARAMS)
+        assert (var.dtype == jnp.float32) == declared, dotted
+
+
+@pytest.mark.parametrize("name, count", [("wan2.1-t2v-1.3b", 1_418_996_800), ("wan2.1-t2v-14b", 14_288_491_584)])
+def test_real_size_parameter_counts(name, count):
+    from sdjax.config import ModelConfig
+
+    cfg = WanTransformerConfig.from_dict(ModelConfig.named(name).transformer)
+    model = abstract_transformer(cfg, "bfloat16")  # abstract: no memory
+    n = sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    assert n == count
+
+
+# ---------------------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture
+def tiny_copy(tmp_path):
+    d = tmp_path / "transformer"
+    shutil.copytree(DIT / "heads4_deep", d, ignore=shutil.ignore_patterns("io.npz"))
+    return d
+
+
+def _rewrite(d, edit):
+    from safetensors.numpy import load_file, save_file
+
+    f = d / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(f)
+    edit(tensors)
+    save_file(tensors, f)
+
+
+def test_missing_tensor_is_named(tiny_copy):
+    _rewrite(tiny_copy, lambda t: t.pop("blocks.1.attn1.to_q.weight"))
+    with pytest.raises(WeightsError, match=r"missing .*blocks\.1\.attn1\.to_q\.weight"):
+        load_transformer(tiny_copy)
+
+
+def test_unexpected_tensor_is_named(tiny_copy):
+    _rewrite(tiny_copy, lambda t: t.update(extra_weight=np.zeros(3, np.float32)))
+    with pytest.raises(WeightsError, match="unexpected .*extra_weight"):
+        load_transformer(tiny_copy)
+
+
+def test_misshaped_tensor_is_named(tiny_copy):
+    _rewrite(tiny_copy, lambda t: t.update({"proj_out.bias": np.zeros(5, np.float32)}))
+    with pytest.raises(WeightsError, match=r"proj_out\.bias.*shape"):
+        load_transformer(tiny_copy)
+
+
+def test_truncated_file(tiny_copy):
+    f = tiny_copy / "diffusion_pytorch_model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(WeightsError, match="truncated"):
+        load_transformer(tiny_copy)
+
+
+def test_corrupted_header(tiny_copy):
+    f = tiny_copy / "diffusion_pytorch_model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[8:20] = b"\x00garbage!!!!"
+    f.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="corrupted"):
+        load_transformer(tiny_copy)
+
+
+def test_missing_directory_and_config(tmp_path):
+    with pytest.raises(WeightsError, match="does not exist"):
+        load_transformer(tmp_path / "nope")
+    (tmp_path / "t").mkdir()
+    with pytest.raises(WeightsError, match="config.json"):
+        load_transformer(tmp_path / "t")
+
+
+def test_config_disagreeing_with_model_yaml_names_the_field(tiny_copy):
+    cfg = json.loads((tiny_copy / "config.json").read_text())
+    expected = WanTransformerConfig.from_dict({**cfg, "ffn_dim": 64})
+    with pytest.raises(WeightsError, match="ffn_dim"):
+        load_transformer(tiny_copy, expected_config=expected)
+
+
+def test_unsupported_config_field(tiny_copy):
+    cfg = json.loads((tiny_copy / "config.json").read_text())
+    (tiny_copy / "config.json").write_text(json.dumps({**cfg, "image_dim": 1280}))
+    with pytest.raises(WeightsError, match="image_dim"):
+        load_transformer(tiny_copy)
+
+
+def test_wrong_input_shapes_are_named():
+    model = load_transformer(DIT / "heads4_deep")
+    x, t, c = jnp.zeros((1, 8, 2, 8, 6)), jnp.array([1]), jnp.zeros((1, 4, 16))
+    with pytest.raises(ValueError, match="latents"):
+        model(jnp.zeros((1, 7, 2, 8, 6)), t, c)
+    with pytest.raises(ValueError, match="H=7"):
+        model(jnp.zeros((1, 8, 2, 7, 6)), t, c)
+    with pytest.raises(ValueError, match="timestep"):
+        model(x, jnp.array([1, 2]), c)
+    with pytest.raises(ValueError, match="context"):
+        model(x, t, jnp.zeros((1, 4, 15)))
+    with pytest.raises(ValueError, match="floating"):
+        model(x.astype(jnp.int32), t, c)
+
+
+def test_convert_to_orbax_and_restore(tmp_path):
+    from sdjax.convert import main
+
+    assert main([str(DIT / "heads3_b2"), str(tmp_path / "ckpt"), "--dtype", "float32"]) == 0
+    io = np.load(DIT / "heads3_b2" / "io.npz")
+    out = run(load_transformer(tmp_path / "ckpt", dtype="float32"), io)
+    assert rel_l2(out, io["output"]) <= 1e-5
+    assert main([str(DIT / "heads3_b2"), str(tmp_path / "ckpt")]) == 2  # refuses to overwrite
