@@ -3,17 +3,12 @@
     import sdjax
     result = sdjax.generate("a red circle moves left on a black background")
     result.frames  # (F, H, W, 3) float32 in [0, 1]
+
+(`python -m sdjax.generate` is the command-line twin of `sdjax.generate`.)
 """
 
 from sdjax.config import CacheParams, ConfigError, ModelConfig, SystemConfig, UserParams
+from sdjax.pipeline import GenerationResult, Pipeline, generate
 
-__all__ = ["CacheParams", "ConfigError", "ModelConfig", "Pipeline", "SystemConfig", "UserParams", "generate"]
-
-
-def __getattr__(name):
-    # The pipeline pulls in every model; import it on first use only.
-    if name in ("Pipeline", "generate"):
-        from sdjax import pipeline
-
-        return getattr(pipeline, name)
-    raise AttributeError(f"module 'sdjax' has no attribute {name!r}")
+__all__ = ["CacheParams", "ConfigError", "GenerationResult", "ModelConfig", "Pipeline", "SystemConfig",
+           "UserParams", "generate"]

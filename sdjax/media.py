@@ -1,0 +1,61 @@
+"""Writing generated frames: MP4 (H.264, yuv420p) through imageio-ffmpeg, or PNG for a single frame.
+
+The generation parameters travel in the file's metadata (an MP4 `comment` tag / PNG text chunks) as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def to_uint8(frames: np.ndarray) -> np.ndarray:
+    """(F, H, W, 3) float in [0, 1] -> uint8, rounding to nearest."""
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames: expected (F, H, W, 3), got {frames.shape}")
+    return (np.clip(frames, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def save(frames: np.ndarray, path: str | Path, fps: int, metadata: dict | None = None) -> Path:
+    """Write `frames` (F, H, W, 3) in [0, 1] to `path` (.mp4, or .png when there is one frame)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = to_uint8(frames)
+    meta = json.dumps(metadata or {}, sort_keys=True, default=str)
+    suffix = path.suffix.lower()
+    if suffix == ".png":
+        if len(pixels) != 1:
+            raise ValueError(f"{path}: PNG holds one frame, got {len(pixels)}; use .mp4")
+        from PIL import Image
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        info.add_text("parameters", meta)
+        Image.fromarray(pixels[0]).save(path, pnginfo=info)
+        return path
+    if suffix != ".mp4":
+        raise ValueError(f"{path}: output must end in .mp4 or .png")
+    import imageio_ffmpeg
+
+    F, H, W, _ = pixels.shape
+    writer = imageio_ffmpeg.write_frames(
+        str(path), (W, H), fps=fps, codec="libx264", pix_fmt_out="yuv420p", quality=None,
+        output_params=["-crf", "12", "-metadata", f"comment={meta}"], macro_block_size=1)
+    writer.send(None)
+    for frame in pixels:
+        writer.send(np.ascontiguousarray(frame))
+    writer.close()
+    return path
+
+
+def read_video(path: str | Path) -> np.ndarray:
+    """Decode an MP4 back to (F, H, W, 3) uint8 (for tests and tools)."""
+    import imageio_ffmpeg
+
+    reader = imageio_ffmpeg.read_frames(str(path))
+    meta = reader.__next__()
+    W, H = meta["size"]
+    return np.stack([np.frombuffer(f, np.uint8).reshape(H, W, 3) for f in reader])

@@ -1,0 +1,274 @@
+"""Wan2.1 text-to-video as three stages — text encode → denoise → decode — each runnable and timed alone.
+
+    pipe = Pipeline.from_pretrained("Wan2.1-T2V-1.3B-Diffusers", dtype="bfloat16")
+    result = pipe(prompt="a cat surfing", num_inference_steps=50, guidance_scale=5.0, seed=0)
+    result.frames  # (F, H, W, 3) float32 in [0, 1];  result.info: seed, per-stage seconds, steps
+
+A scheduler (the service) drives the stages one by one: `user_params` → `encode_text` → `denoise` →
+`decode`. Arguments are named as diffusers' `WanPipeline` names them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sdjax.config import ConfigError, ModelConfig, SystemConfig, UserParams
+from sdjax.models.weights import WeightsError
+from sdjax.sampling import loop, solvers
+
+COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer")
+DEMO_MODEL = "sdjax-demo"
+
+
+class Cancelled(Exception):
+    """Raised by `Pipeline.denoise` when `should_stop()` returned True between two steps."""
+
+
+@dataclass
+class TextEmbeddings:
+    """Stage 1 output: Wan text context for each CFG branch, (1, S, text_dim) each."""
+
+    cond: jax.Array
+    uncond: jax.Array | None
+
+
+@dataclass
+class GenerationResult:
+    frames: np.ndarray  # (F, H, W, 3) float32 in [0, 1]
+    info: dict = field(default_factory=dict)
+
+
+def _check_root(root: Path) -> dict:
+    if not root.is_dir():
+        raise WeightsError(f"{root}: model directory does not exist")
+    index_path = root / "model_index.json"
+    if not index_path.is_file():
+        raise WeightsError(f"{index_path}: missing (a diffusers-format pipeline root needs model_index.json)")
+    index = json.loads(index_path.read_text())
+    for name in COMPONENTS:
+        if name not in index or not (root / name).is_dir():
+            raise WeightsError(f"{root / name}: component {name!r} is missing from the model directory")
+    if not (root / "tokenizer" / "tokenizer.json").is_file():
+        raise WeightsError(f"{root / 'tokenizer' / 'tokenizer.json'}: missing (sdjax reads the fast-tokenizer file)")
+    return index
+
+
+def _model_config_for(root: Path, transformer_cfg: dict) -> ModelConfig:
+    """The built-in model yaml whose architecture equals the checkpoint's; else 1.3B defaults around it."""
+    from sdjax.config import CONFIG_DIR
+    from sdjax.models.wan.transformer import WanTransformerConfig
+
+    theirs = WanTransformerConfig.from_dict(transformer_cfg)
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        cfg = ModelConfig.from_yaml(path)
+        if WanTransformerConfig.from_dict(cfg.transformer) == theirs:
+            return cfg
+    base = ModelConfig.named("wan2.1-t2v-1.3b")
+    return dataclasses.replace(base, name=root.name, transformer=transformer_cfg, weights=str(root))
+
+
+def _scheduler_shift(root: Path) -> float | None:
+    path = root / "scheduler" / "scheduler_config.json"
+    if path.is_file():
+        cfg = json.loads(path.read_text())
+        return cfg.get("flow_shift", cfg.get("shift"))
+    return None
+
+
+def _clean_prompt(text: str) -> str:
+    # diffusers' prompt_clean: html unescape + whitespace normalisation (its ftfy step is omitted).
+    import html
+
+    return re.sub(r"\s+", " ", html.unescape(html.unescape(text))).strip()
+
+
+class Pipeline:
+    """The Wan2.1 text-to-video pipeline over loaded components."""
+
+    def __init__(self, config: ModelConfig, transformer, vae, text_encoder, tokenizer,
+                 system: SystemConfig | None = None):
+        self.config = config
+        self.system = system or SystemConfig()
+        self.transformer = transformer
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        vcfg = vae.config
+        self.temporal_factor = vcfg.temporal_factor
+        self.spatial_factor = vcfg.spatial_factor
+        self._encode = jax.jit(lambda enc, ids, mask: enc(ids, mask))
+        self._decode = jax.jit(lambda v, z: v.decode(v.denormalize_latents(z)))
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: str | None = None, system: SystemConfig | None = None,
+                        model_config: ModelConfig | str | None = None) -> Pipeline:
+        """Load a diffusers-format root (model_index.json, tokenizer/, text_encoder/, transformer/, vae/)."""
+        from sdjax.models.tokenizer import load_tokenizer
+        from sdjax.models.umt5 import load_text_encoder
+        from sdjax.models.wan.loading import load_transformer
+        from sdjax.models.wan.transformer import WanTransformerConfig
+        from sdjax.models.wan.vae import load_vae
+        from sdjax.models.weights import read_config
+
+        system = system or SystemConfig()
+        dtype = dtype or system.dtype
+        root = Path(path)
+        _check_root(root)
+        if isinstance(model_config, str):
+            model_config = ModelConfig.named(model_config)
+        if model_config is None:
+            model_config = _model_config_for(root, read_config(root / "transformer"))
+        shift = _scheduler_shift(root)
+        if shift is not None and shift != model_config.defaults.flow_shift:
+            defaults = dataclasses.replace(model_config.defaults, flow_shift=float(shift))
+            model_config = dataclasses.replace(model_config, defaults=defaults)
+        transformer = load_transformer(root / "transformer", dtype=dtype, attention_backend=system.attention_backend,
+                                       expected_config=WanTransformerConfig.from_dict(model_config.transformer))
+        vae = load_vae(root / "vae", dtype="float32")  # the VAE is cheap next to the DiT; fp32 keeps it exact
+        text_encoder = load_text_encoder(root / "text_encoder", dtype=dtype)
+        tokenizer = load_tokenizer(root / "tokenizer" / "tokenizer.json")
+        return cls(model_config, transformer, vae, text_encoder, tokenizer, system)
+
+    @classmethod
+    def default(cls, system: SystemConfig | None = None, dtype: str = "float32") -> Pipeline:
+        """The embedded demo model shipped inside the package (runs offline, on a CPU)."""
+        cfg = ModelConfig.named(DEMO_MODEL)
+        return cls.from_pretrained(cfg.weights, dtype=dtype, system=system, model_config=cfg)
+
+    # ------------------------------------------------------------------ stages
+
+    def user_params(self, **kwargs) -> UserParams:
+        return self.config.user_params(**kwargs)
+
+    def latent_shape(self, params: UserParams) -> tuple[int, ...]:
+        z = self.vae.config.z_dim
+        return (1, z, (params.num_frames - 1) // self.temporal_factor + 1,
+                params.height // self.spatial_factor, params.width // self.spatial_factor)
+
+    def encode_prompt(self, prompt: str, max_sequence_length: int) -> jax.Array:
+        """One prompt -> Wan text context (1, S, D): real tokens kept, the rest zeroed."""
+        from sdjax.models.tokenizer import encode_prompts, wan_text_context
+
+        ids, mask = encode_prompts(self.tokenizer, [_clean_prompt(prompt)], max_sequence_length)
+        hidden = self._encode(self.text_encoder, jnp.asarray(ids), jnp.asarray(mask))
+        return wan_text_context(hidden, jnp.asarray(mask)).astype(jnp.float32)
+
+    def encode_text(self, params: UserParams, *, prompt_embeds=None, negative_prompt_embeds=None) -> TextEmbeddings:
+        """Stage 1: text encoder on the prompt and (when CFG is on) the negative prompt."""
+        cond = (jnp.asarray(prompt_embeds, jnp.float32) if prompt_embeds is not None
+                else self.encode_prompt(params.prompt, params.max_sequence_length))
+        uncond = None
+        if params.guidance_scale > 1.0:  # diffusers' rule: CFG only above 1
+            uncond = (jnp.asarray(negative_prompt_embeds, jnp.float32) if negative_prompt_embeds is not None
+                      else self.encode_prompt(params.negative_prompt, params.max_sequence_length))
+        return TextEmbeddings(cond, uncond)
+
+    def initial_latents(self, params: UserParams) -> jax.Array:
+        return jax.random.normal(jax.random.key(params.seed), self.latent_shape(params), jnp.float32)
+
+    def denoise(self, params: UserParams, text: TextEmbeddings, *, latents=None, on_step=None,
+                should_stop=None) -> jax.Array:
+        """Stage 2: the flow-matching loop. One compiled step per latent shape; the host drives the steps."""
+        if latents is None:
+            latents = self.initial_latents(params)
+        elif tuple(latents.shape) != self.latent_shape(params):
+            raise ConfigError(f"latents: shape {tuple(latents.shape)} does not match height/width/num_frames "
+                              f"(expected {self.latent_shape(params)})")
+        n = params.num_inference_steps
+        schedule = solvers.make_schedule(params.solver, n, params.flow_shift).padded(self.config.limits.max_steps)
+        schedule = jax.tree.map(jnp.asarray, schedule)
+        do_cfg = text.uncond is not None
+        uncond = text.uncond if do_cfg else text.cond
+        guidance = jnp.float32(params.guidance_scale)
+        state = loop.init_state(params.solver, latents)
+        for i in range(n):
+            if should_stop is not None and should_stop():
+                raise Cancelled(f"stopped before step {i + 1} of {n}")
+            state = loop.denoise_step(self.transformer, state, jnp.int32(i), schedule, text.cond, uncond, guidance,
+                                      solver=params.solver, do_cfg=do_cfg)
+            if on_step is not None:
+                on_step(i + 1, n)
+        return state.latents
+
+    def decode(self, latents) -> np.ndarray:
+        """Stage 3: VAE decode -> frames (F, H, W, 3) float32 in [0, 1]."""
+        video = self._decode(self.vae, jnp.asarray(latents, jnp.float32))  # (1, 3, F, H, W) in [-1, 1]
+        frames = np.asarray(video[0], np.float32).transpose(1, 2, 3, 0)
+        return np.clip(frames / 2 + 0.5, 0.0, 1.0)
+
+    def warmup(self, params: UserParams) -> None:
+        """Compile every stage for this request's shape (the service calls it at start-up)."""
+        params = dataclasses.replace(params, num_inference_steps=1)
+        self.decode(self.denoise(params, self.encode_text(params)))
+
+    # ------------------------------------------------------------------ one call
+
+    def __call__(self, prompt: str, negative_prompt: str | None = None, height: int | None = None,
+                 width: int | None = None, num_frames: int | None = None, num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None, max_sequence_length: int | None = None,
+                 seed: int | None = None, latents=None, prompt_embeds=None, negative_prompt_embeds=None,
+                 flow_shift: float | None = None, solver: str | None = None, cache=None,
+                 progress: bool = True) -> GenerationResult:
+        params = self.user_params(
+            prompt=prompt, negative_prompt=negative_prompt, height=height, width=width, num_frames=num_frames,
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            max_sequence_length=max_sequence_length, seed=seed, flow_shift=flow_shift, solver=solver, cache=cache)
+        timings = {}
+
+        t0 = time.perf_counter()
+        text = self.encode_text(params, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds)
+        jax.block_until_ready(text.cond)
+        timings["text_encode_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        bar = _progress_bar(params.num_inference_steps, progress)
+        z = self.denoise(params, text, latents=None if latents is None else jnp.asarray(latents, jnp.float32),
+                         on_step=lambda i, n: bar.update(1) if bar else None)
+        z = jax.block_until_ready(z)
+        if bar:
+            bar.close()
+        timings["denoise_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        frames = self.decode(z)
+        timings["decode_s"] = time.perf_counter() - t0
+        info = {"model": self.config.name, "seed": params.seed, "params": _public(params), "timings": timings,
+                "steps_computed": params.num_inference_steps, "steps_skipped": 0}
+        return GenerationResult(frames, info)
+
+
+def _public(params: UserParams) -> dict:
+    d = dataclasses.asdict(params)
+    d["cache"] = dataclasses.asdict(params.cache)
+    return d
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="denoise", unit="step")
+
+
+def generate(prompt: str, model: str | Path | None = None, *, dtype: str | None = None,
+             system: SystemConfig | None = None, **kwargs) -> GenerationResult:
+    """One call: load the model (the embedded demo model when `model` is None) and generate."""
+    if model is None:
+        pipe = Pipeline.default(system=system, dtype=dtype or "float32")
+    else:
+        with warnings.catch_warnings():
+            pipe = Pipeline.from_pretrained(model, dtype=dtype, system=system)
+    return pipe(prompt, **kwargs)

@@ -1,0 +1,114 @@
+"""End-to-end parity with diffusers' WanPipeline (fixture: tools/make_pipeline_fixture.py)."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from sdjax.config import ConfigError
+from sdjax.models.weights import WeightsError
+from sdjax.pipeline import Pipeline
+from tests.conftest import FIXTURES
+
+ROOT = FIXTURES / "wan_pipeline_tiny"
+CASES = [  # the same cases as tools/make_pipeline_fixture.py
+    ("a red circle moves left", "blurry, static", 4, 5.0, 3.0),
+    ("the   quick brown fox jumps over the lazy dog on a sunny day", "", 3, 4.0, 5.0),
+]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return Pipeline.from_pretrained(ROOT, dtype="float32")
+
+
+@pytest.mark.parametrize("k", range(len(CASES)))
+def test_frames_match_diffusers(pipe, k):
+    io = np.load(FIXTURES / "wan_pipeline_tiny_io.npz")
+    prompt, negative, steps, guidance, shift = CASES[k]
+    result = pipe(prompt, negative_prompt=negative, height=int(io["height"]), width=int(io["width"]),
+                  num_frames=int(io["num_frames"]), num_inference_steps=steps, guidance_scale=guidance,
+                  max_sequence_length=int(io["max_sequence_length"]), flow_shift=shift, seed=0,
+                  latents=io[f"latents_{k}"], progress=False)
+    ref = io[f"frames_{k}"]
+    assert result.frames.shape == ref.shape
+    assert result.frames.dtype == np.float32
+    assert np.abs(result.frames - ref).max() <= 2e-3
+    assert set(result.info["timings"]) == {"text_encode_s", "denoise_s", "decode_s"}
+
+
+def test_seed_is_reported_and_reproducible(pipe):
+    a = pipe("a cat", height=16, width=16, num_frames=5, num_inference_steps=2, progress=False)
+    b = pipe("a cat", height=16, width=16, num_frames=5, num_inference_steps=2, seed=a.info["seed"], progress=False)
+    np.testing.assert_array_equal(a.frames, b.frames)
+    assert a.frames.shape == (5, 16, 16, 3)
+
+
+@pytest.mark.parametrize("field, value, allowed", [
+    ("num_frames", 10, "4k\\+1"), ("height", 40, "multiple of 16"), ("width", 24, "multiple of 16"),
+    ("num_inference_steps", 0, ">= 1"), ("guidance_scale", -1.0, ">= 0"),
+])
+def test_bad_user_params_name_the_field(pipe, field, value, allowed):
+    with pytest.raises(ConfigError, match=f"{field}.*{allowed}"):
+        pipe("a cat", **{field: value}, progress=False)
+
+
+def test_long_prompt_is_truncated_with_a_warning(pipe):
+    with pytest.warns(UserWarning, match="max_sequence_length"):
+        pipe("word " * 50, height=16, width=16, num_frames=1, num_inference_steps=1, max_sequence_length=8,
+             progress=False)
+
+
+@pytest.mark.parametrize("component", ["vae", "text_encoder", "transformer", "tokenizer"])
+def test_missing_component_is_named(tmp_path, component):
+    root = tmp_path / "root"
+    shutil.copytree(ROOT, root)
+    shutil.rmtree(root / component)
+    with pytest.raises(WeightsError, match=component):
+        Pipeline.from_pretrained(root, dtype="float32")
+
+
+def test_missing_model_index(tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(ROOT, root)
+    (root / "model_index.json").unlink()
+    with pytest.raises(WeightsError, match="model_index.json"):
+        Pipeline.from_pretrained(root)
+
+
+def test_cli_writes_mp4_with_metadata(tmp_path):
+    out = tmp_path / "v.mp4"
+    proc = subprocess.run([sys.executable, "-m", "sdjax.generate", "--model", str(ROOT), "--prompt", "a red circle",
+                           "--steps", "2", "--height", "32", "--width", "32", "--frames", "5", "--seed", "3",
+                           "--dtype", "float32", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "denoise" in proc.stderr  # the progress bar
+    assert "wrote" in proc.stdout and "decode" in proc.stdout
+    from sdjax.media import read_video
+
+    video = read_video(out)
+    assert video.shape == (5, 32, 32, 3)
+    import imageio_ffmpeg
+
+    probe = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-i", str(out)], capture_output=True, text=True).stderr
+    assert "h264" in probe and "yuv420p" in probe and "16 fps" in probe
+    comment = next(line for line in probe.splitlines() if "comment" in line).split(":", 1)[1].strip()
+    assert json.loads(comment)["seed"] == 3
+
+
+def test_cli_png_for_one_frame_and_clear_errors(tmp_path):
+    out = tmp_path / "img.png"
+    proc = subprocess.run([sys.executable, "-m", "sdjax.generate", "--model", str(ROOT), "--prompt", "a cat",
+                           "--steps", "1", "--height", "16", "--width", "16", "--frames", "1", "--dtype", "float32",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    from PIL import Image
+
+    img = Image.open(out)
+    assert img.size == (16, 16) and "parameters" in img.text
+    bad = subprocess.run([sys.executable, "-m", "sdjax.generate", "--model", str(ROOT), "--prompt", "a cat",
+                          "--frames", "6"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "num_frames" in bad.stderr and "Traceback" not in bad.stderr

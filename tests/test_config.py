@@ -1,0 +1,76 @@
+"""The parameter taxonomy: model yaml, validated user params, frozen system params."""
+
+import dataclasses
+
+import pytest
+
+from sdjax.config import CacheParams, ConfigError, ModelConfig, SystemConfig
+
+
+@pytest.fixture
+def model():
+    return ModelConfig.named("wan2.1-t2v-1.3b")
+
+
+def test_defaults_come_from_the_model_yaml(model):
+    p = model.user_params(prompt="a cat", seed=1)
+    assert (p.num_inference_steps, p.guidance_scale, p.height, p.width, p.num_frames) == (50, 5.0, 480, 832, 81)
+    assert p.flow_shift == 3.0 and p.solver == "unipc" and p.cache == CacheParams("none", 0.0)
+    assert ModelConfig.named("wan2.1-t2v-14b").user_params(prompt="x", seed=0).height == 720
+
+
+def test_user_params_are_frozen(model):
+    p = model.user_params(prompt="a cat", seed=1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.seed = 2
+
+
+def test_seed_is_drawn_when_absent(model):
+    assert isinstance(model.user_params(prompt="a cat").seed, int)
+
+
+@pytest.mark.parametrize("field, value, allowed", [
+    ("num_frames", 80, r"4k\+1"), ("num_frames", 200, "<= 129"), ("height", 481, "multiple of 16"),
+    ("width", 2000, "<= 1280"), ("num_inference_steps", 0, ">= 1"), ("num_inference_steps", 101, r"\[1, 100\]"),
+    ("guidance_scale", -0.5, ">= 0"), ("guidance_scale", float("nan"), "finite"), ("flow_shift", 0, "> 0"),
+    ("solver", "ddim", "unipc, euler"), ("max_sequence_length", 0, ">= 1"), ("negative_prompt", 3, "string"),
+])
+def test_bad_values_name_field_value_and_allowed(model, field, value, allowed):
+    with pytest.raises(ConfigError, match=rf"{field}=.*not allowed.*{allowed}"):
+        model.user_params(prompt="a cat", **{field: value})
+
+
+def test_prompt_and_seed_and_unknown_fields(model):
+    with pytest.raises(ConfigError, match="prompt"):
+        model.user_params(prompt="   ")
+    with pytest.raises(ConfigError, match="seed"):
+        model.user_params(prompt="x", seed=-1)
+    with pytest.raises(ConfigError, match="unknown user param.*'steps'"):
+        model.user_params(prompt="x", steps=3)
+
+
+def test_cache_param(model):
+    p = model.user_params(prompt="x", cache={"policy": "teacache", "threshold": 0.1})
+    assert p.cache == CacheParams("teacache", 0.1)
+    with pytest.raises(ConfigError, match="cache.policy"):
+        model.user_params(prompt="x", cache={"policy": "magic"})
+    with pytest.raises(ConfigError, match="cache.threshold"):
+        model.user_params(prompt="x", cache={"threshold": -1})
+    with pytest.raises(ConfigError, match="unknown cache field"):
+        model.user_params(prompt="x", cache={"thresh": 1})
+
+
+def test_system_config_validates_and_is_frozen():
+    s = SystemConfig(cfg_parallel=2, ulysses=2, ring=2)
+    assert s.num_devices == 8
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.dtype = "float32"
+    for kwargs, field in [({"dtype": "fp8"}, "dtype"), ({"attention_backend": "magic"}, "attention_backend"),
+                          ({"cfg_parallel": 3}, "cfg_parallel"), ({"ulysses": 0}, "ulysses")]:
+        with pytest.raises(ConfigError, match=field):
+            SystemConfig(**kwargs)
+
+
+def test_unknown_model_lists_the_built_in_ones():
+    with pytest.raises(ConfigError, match="wan2.1-t2v-1.3b"):
+        ModelConfig.named("wan9")
