@@ -59,3 +59,22 @@ def read_video(path: str | Path) -> np.ndarray:
     meta = reader.__next__()
     W, H = meta["size"]
     return np.stack([np.frombuffer(f, np.uint8).reshape(H, W, 3) for f in reader])
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The generation parameters stored by `save` (MP4 comment tag or PNG text chunk)."""
+    path = Path(path)
+    if path.suffix.lower() == ".png":
+        from PIL import Image
+
+        return json.loads(Image.open(path).text.get("parameters", "{}"))
+    import subprocess
+
+    import imageio_ffmpeg
+
+    out = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(path), "-f", "ffmetadata", "-"],
+                         capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        if line.startswith("comment="):
+            return json.loads(line[len("comment="):].replace("\\=", "=").replace("\\;", ";").replace("\\#", "#"))
+    return {}

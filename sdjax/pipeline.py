@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -85,13 +84,6 @@ def _scheduler_shift(root: Path) -> float | None:
     return None
 
 
-def _clean_prompt(text: str) -> str:
-    # diffusers' prompt_clean: html unescape + whitespace normalisation (its ftfy step is omitted).
-    import html
-
-    return re.sub(r"\s+", " ", html.unescape(html.unescape(text))).strip()
-
-
 class Pipeline:
     """The Wan2.1 text-to-video pipeline over loaded components."""
 
@@ -159,9 +151,9 @@ class Pipeline:
 
     def encode_prompt(self, prompt: str, max_sequence_length: int) -> jax.Array:
         """One prompt -> Wan text context (1, S, D): real tokens kept, the rest zeroed."""
-        from sdjax.models.tokenizer import encode_prompts, wan_text_context
+        from sdjax.models.tokenizer import encode_prompts, prompt_clean, wan_text_context
 
-        ids, mask = encode_prompts(self.tokenizer, [_clean_prompt(prompt)], max_sequence_length)
+        ids, mask = encode_prompts(self.tokenizer, [prompt_clean(prompt)], max_sequence_length)
         hidden = self._encode(self.text_encoder, jnp.asarray(ids), jnp.asarray(mask))
         return wan_text_context(hidden, jnp.asarray(mask)).astype(jnp.float32)
 

@@ -23,8 +23,9 @@ class DenoiseState(NamedTuple):
 
 
 def init_state(solver: str, latents) -> DenoiseState:
-    latents = jnp.asarray(latents, jnp.float32)
-    return DenoiseState(latents, solvers.init_state(solver, latents))
+    latents = jnp.array(latents, jnp.float32)  # a fresh buffer: the step donates its state
+    fresh = lambda a: jnp.array(a, copy=True)  # the solver's zero histories must not share one donated buffer
+    return DenoiseState(latents, jax.tree.map(fresh, solvers.init_state(solver, latents)))
 
 
 def guided_velocity(model, latents, timestep, cond, uncond, guidance, do_cfg: bool):
