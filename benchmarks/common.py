@@ -1,0 +1,82 @@
+"""Shared helpers for the benchmarks: random weights on device, timing, card name, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def card_name() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=10).stdout.strip().splitlines()
+        if out:
+            return f"{out[0]} x{len(out)}"
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return jax.devices()[0].device_kind
+
+
+def random_like(abstract_module, seed: int = 0, scale: float = 0.02):
+    """Fill an abstract (eval_shape) module with random weights, made on the device (no host copy)."""
+    graphdef, state = nnx.split(abstract_module)
+    leaves, treedef = jax.tree.flatten(state)
+
+    @jax.jit
+    def make(key):
+        keys = jax.random.split(key, len(leaves))
+        return [(scale * jax.random.normal(k, leaf.shape, jnp.float32)).astype(leaf.dtype)
+                for k, leaf in zip(keys, leaves, strict=True)]
+
+    return nnx.merge(graphdef, jax.tree.unflatten(treedef, make(jax.random.key(seed))))
+
+
+def timed(fn, *args, warmup: int = 2, iters: int = 5) -> list[float]:
+    """Seconds per call (host clock around a block_until_ready), after warm-up."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    out = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def peak_gib() -> float | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 2**30
+
+
+def write_results(name: str, rows: list[dict], header: str = "") -> Path:
+    """JSON + markdown table under $OUT (device runs) or benchmarks/results/."""
+    out_dir = Path(os.environ.get("OUT") or RESULTS)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    card = card_name()
+    stem = f"{name}_{card.split(' x')[0].replace(' ', '_').replace('/', '_')}"
+    (out_dir / f"{stem}.json").write_text(json.dumps({"card": card, "rows": rows}, indent=1, default=float))
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    lines = [f"# {name} on {card}", "", header, "", "| " + " | ".join(keys) + " |",
+             "|" + "---|" * len(keys)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |")
+    (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return out_dir / f"{stem}.md"
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float | np.floating):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)

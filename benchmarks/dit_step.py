@@ -1,0 +1,122 @@
+"""Wan DiT forward: sdjax against diffusers at the same config and shape, one GPU, bf16, random weights.
+
+    python benchmarks/dit_step.py [--cases 1.3b-480p-b1,1.3b-480p-b2,14b-480p-b1,1.3b-720p-b1] [--no-diffusers]
+
+Reports ms per forward, the ratio to diffusers (eager), model FLOP utilisation against 764 TFLOP/s
+(the measured H200 bf16 matmul rate; see shared anchors), compile time, and peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import time
+
+# JAX would otherwise reserve 75% of the card and starve the torch side of the comparison.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.common import peak_gib, random_like, timed, write_results
+from sdjax.config import ModelConfig
+from sdjax.models.wan.loading import abstract_transformer
+from sdjax.models.wan.transformer import WanTransformerConfig
+
+RES = {"480p": (480, 832), "720p": (720, 1280)}
+PEAK_TFLOPS = 764.0
+TEXT_LEN = 512
+
+
+def flops(cfg: WanTransformerConfig, L: int, B: int) -> float:
+    """Matmul FLOPs of one forward (shared/research/wan.md §7)."""
+    d, f, Lt = cfg.dim, cfg.ffn_dim, TEXT_LEN
+    per_layer = 8 * L * d * d + 4 * L * d * d + 4 * Lt * d * d + 4 * L * d * f + 4 * L * L * d + 4 * L * Lt * d
+    return B * cfg.num_layers * per_layer
+
+
+def parse_case(case: str):
+    size, res, b = case.split("-")
+    return f"wan2.1-t2v-{size}", RES[res], int(b[1:])
+
+
+def bench_sdjax(cfg, shape, B, backend):
+    model = random_like(abstract_transformer(cfg, "bfloat16", backend))
+    key = jax.random.key(1)
+    x = jax.random.normal(key, (B, 16, *shape), jnp.float32)
+    t = jnp.full((B,), 500.0)
+    ctx = jax.random.normal(key, (B, TEXT_LEN, cfg.text_dim), jnp.float32)
+    fwd = jax.jit(lambda m, x, t, c: m(x, t, c))
+    t0 = time.perf_counter()
+    compiled = fwd.lower(model, x, t, ctx).compile()
+    compile_s = time.perf_counter() - t0
+    times = timed(compiled, model, x, t, ctx, warmup=2, iters=5)
+    out = compiled(model, x, t, ctx)
+    finite = bool(jnp.isfinite(out).all())
+    peak = peak_gib()
+    del model, out
+    gc.collect()
+    return float(np.median(times)), compile_s, peak, finite
+
+
+def bench_diffusers(cfg, shape, B):
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    kwargs = {k: getattr(cfg, k) for k in ("num_attention_heads", "attention_head_dim", "ffn_dim", "num_layers",
+                                           "text_dim", "in_channels", "out_channels", "freq_dim", "eps",
+                                           "rope_max_seq_len", "qk_norm", "cross_attn_norm")}
+    with torch.device("cuda"):
+        model = WanTransformer3DModel(patch_size=cfg.patch_size, **kwargs).to(torch.bfloat16).eval()
+    x = torch.randn(B, 16, *shape, device="cuda", dtype=torch.bfloat16)
+    t = torch.full((B,), 500, device="cuda")
+    ctx = torch.randn(B, TEXT_LEN, cfg.text_dim, device="cuda", dtype=torch.bfloat16)
+    torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        for _ in range(2):
+            model(x, t, ctx, return_dict=False)
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            model(x, t, ctx, return_dict=False)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    del model
+    torch.cuda.empty_cache()
+    return float(np.median(times)), peak
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--cases", default="1.3b-480p-b1,1.3b-480p-b2,1.3b-720p-b1,14b-480p-b1")
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--no-diffusers", action="store_true")
+    p.add_argument("--tag", default="", help="suffix of the result file name (e.g. warm_cache)")
+    args = p.parse_args()
+    rows = []
+    for case in args.cases.split(","):
+        name, (h, w), B = parse_case(case)
+        cfg = WanTransformerConfig.from_dict(ModelConfig.named(name).transformer)
+        shape = (21, h // 8, w // 8)  # 81 frames
+        L = 21 * (h // 16) * (w // 16)
+        ms, compile_s, peak, finite = bench_sdjax(cfg, shape, B, args.backend)
+        row = {"case": case, "tokens": L, "sdjax_ms": ms * 1e3, "compile_s": compile_s, "peak_GiB": peak,
+               "MFU": flops(cfg, L, B) / ms / 1e12 / PEAK_TFLOPS, "finite": finite}
+        if not args.no_diffusers:
+            try:
+                d_s, d_peak = bench_diffusers(cfg, shape, B)
+                row.update(diffusers_ms=d_s * 1e3, speedup=d_s / ms, diffusers_peak_GiB=d_peak)
+            except Exception as e:  # a missing wheel or OOM is reported, not fatal for the sdjax numbers
+                row.update(diffusers_error=f"{type(e).__name__}: {str(e)[:80]}")
+        rows.append(row)
+        print(row, flush=True)
+    write_results("dit_step" + (f"_{args.tag}" if args.tag else ""), rows,
+                  "bf16, random weights, 81 frames, one forward; diffusers eager (SDPA).")
+
+
+if __name__ == "__main__":
+    main()
