@@ -43,7 +43,7 @@ def save(frames: np.ndarray, path: str | Path, fps: int, metadata: dict | None =
     F, H, W, _ = pixels.shape
     writer = imageio_ffmpeg.write_frames(
         str(path), (W, H), fps=fps, codec="libx264", pix_fmt_out="yuv420p", quality=None,
-        output_params=["-crf", "12", "-metadata", f"comment={meta}"], macro_block_size=1)
+        output_params=["-crf", "12", "-movflags", "+faststart", "-metadata", f"comment={meta}"], macro_block_size=1)
     writer.send(None)
     for frame in pixels:
         writer.send(np.ascontiguousarray(frame))
