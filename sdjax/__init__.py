@@ -8,7 +8,15 @@
 """
 
 from sdjax.config import CacheParams, ConfigError, ModelConfig, SystemConfig, UserParams
-from sdjax.pipeline import GenerationResult, Pipeline, generate
 
 __all__ = ["CacheParams", "ConfigError", "GenerationResult", "ModelConfig", "Pipeline", "SystemConfig",
            "UserParams", "generate"]
+
+
+def __getattr__(name):
+    # The pipeline pulls in JAX and every model; API-only processes (the service's front) never need it.
+    if name in ("GenerationResult", "Pipeline", "generate"):
+        from sdjax import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'sdjax' has no attribute {name!r}")
