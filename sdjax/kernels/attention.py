@@ -2,9 +2,22 @@
 
 Layout (B, T, N, H): batch, tokens, heads, head dim. Non-causal, softmax scale 1/sqrt(H).
 `kv_len` (B,) optionally marks how many keys of each row are real; keys at or past it are masked.
+Values are clipped to [1, S] (a row always attends to at least one key).
 
 Backends live behind `attention(..., backend=...)`; each declares what it supports and raises a clear
-`AttentionBackendError` otherwise — no silent fallback inside layers.
+`AttentionBackendError` otherwise — no silent fallback inside layers:
+
+| backend         | platform           | what                                                               |
+|-----------------|--------------------|--------------------------------------------------------------------|
+| `xla`           | any                | reference: plain XLA, fp32 softmax, queries in chunks              |
+| `cudnn`         | GPU                | cuDNN fused flash attention via jax.nn.dot_product_attention       |
+| `pallas_mgpu`   | GPU sm_90 (Hopper) | ours: Pallas Mosaic GPU, wgmma + TMA + warp specialisation         |
+| `pallas_triton` | GPU; CPU interpret | ours: Pallas through the Triton lowering (portable baseline)       |
+| `pallas`        | GPU, TPU, CPU      | ours, best variant for the platform: mgpu on Hopper, else triton;  |
+|                 |                    | the Mosaic TPU kernel on TPU; Triton in interpret mode on CPU      |
+| `splash`        | TPU                | jax's TPU splash attention                                         |
+| `auto`          |                    | fastest supporting backend per platform and shape, ranked by the   |
+|                 |                    | timings in `attention_table.py` (from benchmarks/results)          |
 """
 
 from __future__ import annotations
@@ -14,11 +27,25 @@ import math
 import jax
 import jax.numpy as jnp
 
-BACKENDS = ("auto", "xla", "cudnn")
+from sdjax.kernels import attention_table, flash_mgpu, flash_pallas
+from sdjax.kernels.splash import splash_attention
+
+BACKENDS = ("auto", "xla", "cudnn", "pallas", "pallas_mgpu", "pallas_triton", "splash")
+
+# Used only where attention_table.py holds no measurement for this platform (e.g. TPU: none was taken).
+UNMEASURED_ORDER = {
+    "gpu": ("cudnn", "pallas_mgpu", "pallas_triton", "xla"),
+    "tpu": ("splash", "pallas", "xla"),
+    "cpu": ("xla",),
+}
+_LOW_PRECISION = (jnp.bfloat16, jnp.float16)
 
 
 class AttentionBackendError(ValueError):
     """The requested backend cannot run these inputs on this platform."""
+
+
+# ------------------------------------------------------------------------------------------ backends
 
 
 def _xla_attention(q, k, v, kv_len, *, q_chunk: int = 2048):
@@ -53,22 +80,93 @@ def _xla_attention(q, k, v, kv_len, *, q_chunk: int = 2048):
 
 
 def _cudnn_attention(q, k, v, kv_len):
-    if jax.devices()[0].platform != "gpu":
-        raise AttentionBackendError("attention backend 'cudnn' needs a GPU")
-    if q.dtype not in (jnp.bfloat16, jnp.float16):
-        raise AttentionBackendError(f"attention backend 'cudnn' needs bfloat16 or float16 inputs, got {q.dtype}")
-    if q.shape[-1] > 128:
-        raise AttentionBackendError(f"attention backend 'cudnn' supports head_dim <= 128, got {q.shape[-1]}")
     kv_seq = None if kv_len is None else kv_len.astype(jnp.int32)
     q_seq = None if kv_len is None else jnp.full((q.shape[0],), q.shape[1], jnp.int32)
     return jax.nn.dot_product_attention(q, k, v, query_seq_lengths=q_seq, key_value_seq_lengths=kv_seq,
                                         implementation="cudnn")
 
 
-def _pick(q) -> str:
-    on_gpu = jax.devices()[0].platform == "gpu"
-    if on_gpu and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] <= 128:
-        return "cudnn"
+def _pallas_attention(q, k, v, kv_len):
+    platform = _device().platform
+    if platform == "tpu":
+        return flash_pallas.flash_attention_tpu(q, k, v, kv_len)
+    if platform == "gpu" and _unsupported("pallas_mgpu", q, kv_len) is None:
+        return flash_mgpu.flash_attention_mgpu(q, k, v, kv_len)
+    return flash_pallas.flash_attention_triton(q, k, v, kv_len, interpret=platform == "cpu")
+
+
+_RUN = {
+    "xla": _xla_attention,
+    "cudnn": _cudnn_attention,
+    "pallas": _pallas_attention,
+    "pallas_mgpu": flash_mgpu.flash_attention_mgpu,
+    "pallas_triton": lambda q, k, v, kv_len: flash_pallas.flash_attention_triton(
+        q, k, v, kv_len, interpret=_device().platform == "cpu"),
+    "splash": splash_attention,
+}
+
+
+def _device():
+    return jax.devices()[0]
+
+
+def _is_hopper(device) -> bool:
+    return str(getattr(device, "compute_capability", "")).startswith("9.")
+
+
+def _unsupported(backend: str, q, kv_len=None) -> str | None:
+    """Why `backend` can't run q (B, T, N, H) on this platform, or None if it can."""
+    dev = _device()
+    platform, dtype, H = dev.platform, q.dtype, q.shape[-1]
+    if backend == "xla":
+        return None
+    if backend == "cudnn":
+        if platform != "gpu":
+            return "needs a GPU"
+        if dtype not in _LOW_PRECISION:
+            return f"needs bfloat16 or float16 inputs, got {dtype}"
+        if H > 128 or H % 8:
+            return f"supports head_dim <= 128 and a multiple of 8, got {H}"
+        return None
+    if backend == "pallas_mgpu":
+        if platform != "gpu" or not _is_hopper(dev):
+            return f"needs an sm_90 (Hopper) GPU, got {dev.device_kind}"
+        return flash_mgpu.unsupported_reason(q, q)
+    if backend == "pallas_triton":
+        if platform not in ("gpu", "cpu"):
+            return f"needs a GPU (or CPU, interpreted), got {platform}"
+        if dtype not in _LOW_PRECISION:
+            return f"needs bfloat16 or float16 inputs, got {dtype}"
+        if H not in (64, 128):
+            return f"supports head_dim 64 and 128, got {H}"
+        return None
+    if backend == "splash" or (backend == "pallas" and platform == "tpu"):
+        if platform != "tpu":
+            return f"needs a TPU, got {platform}"
+        if dtype not in (jnp.bfloat16, jnp.float32):
+            return f"on TPU needs bfloat16 or float32 inputs, got {dtype}"
+        return None if backend == "splash" or H in (64, 128) else f"supports head_dim 64 and 128, got {H}"
+    if backend == "pallas":
+        mgpu_ok = platform == "gpu" and _unsupported("pallas_mgpu", q, kv_len) is None
+        return None if mgpu_ok else _unsupported("pallas_triton", q, kv_len)
+    raise AttentionBackendError(f"attention backend {backend!r} unknown; allowed: {', '.join(BACKENDS)}")
+
+
+def available_backends(q, kv_len=None) -> list[str]:
+    """The concrete backends that can run q (B, T, N, H) here (`auto` excluded)."""
+    return [b for b in BACKENDS if b != "auto" and _unsupported(b, q, kv_len) is None]
+
+
+def choose_backend(q, k, kv_len=None) -> str:
+    """What `auto` runs: the fastest measured backend that supports these inputs on this device."""
+    dev = _device()
+    ranking = attention_table.ranking(
+        device_kind=dev.device_kind, platform=dev.platform, arch=str(getattr(dev, "compute_capability", "")),
+        dtype=jnp.dtype(q.dtype).name, head_dim=q.shape[-1], B=q.shape[0], T=q.shape[1], S=k.shape[1],
+        N=q.shape[2], has_kv_len=kv_len is not None)
+    for backend in (*ranking, *UNMEASURED_ORDER.get(dev.platform, ("xla",))):
+        if _unsupported(backend, q, kv_len) is None:
+            return backend
     return "xla"
 
 
@@ -78,10 +176,17 @@ def attention(q, k, v, *, kv_len=None, backend: str = "auto"):
         raise ValueError(f"attention expects (B, T, N, H) inputs, got q{q.shape} k{k.shape} v{v.shape}")
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(f"attention: incompatible shapes q{q.shape} k{k.shape} v{v.shape}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if kv_len is not None:
+        if kv_len.shape != (q.shape[0],) or not jnp.issubdtype(kv_len.dtype, jnp.integer):
+            raise ValueError(f"attention: kv_len must be an integer array of shape (B,) = ({q.shape[0]},), "
+                             f"got {kv_len.dtype}{kv_len.shape}")
+        kv_len = jnp.clip(kv_len.astype(jnp.int32), 1, k.shape[1])
     if backend not in BACKENDS:
         raise AttentionBackendError(f"attention backend {backend!r} unknown; allowed: {', '.join(BACKENDS)}")
     if backend == "auto":
-        backend = _pick(q)
-    if backend == "cudnn":
-        return _cudnn_attention(q, k, v, kv_len)
-    return _xla_attention(q, k, v, kv_len)
+        backend = choose_backend(q, k, kv_len)
+    elif (reason := _unsupported(backend, q, kv_len)) is not None:
+        raise AttentionBackendError(f"attention backend {backend!r} {reason}")
+    return _RUN[backend](q, k, v, kv_len)

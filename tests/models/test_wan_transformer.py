@@ -163,3 +163,27 @@ def test_convert_to_orbax_and_restore(tmp_path):
     out = run(load_transformer(tmp_path / "ckpt", dtype="float32"), io)
     assert rel_l2(out, io["output"]) <= 1e-5
     assert main([str(DIT / "heads3_b2"), str(tmp_path / "ckpt")]) == 2  # refuses to overwrite
+
+
+def test_sharded_safetensors_with_index(tmp_path):
+    """A checkpoint split into shards with a `*.safetensors.index.json`, as large models are saved."""
+    from safetensors.numpy import load_file, save_file
+
+    src = DIT / "heads3_b2"
+    d = tmp_path / "transformer"
+    d.mkdir()
+    shutil.copy(src / "config.json", d / "config.json")
+    tensors = load_file(src / "diffusion_pytorch_model.safetensors")
+    names = sorted(tensors)
+    shards = {"diffusion_pytorch_model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "diffusion_pytorch_model-00002-of-00002.safetensors": names[len(names) // 2 :]}
+    weight_map = {}
+    for fname, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, d / fname)
+        weight_map.update(dict.fromkeys(keys, fname))
+    (d / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    io = np.load(src / "io.npz")
+    assert rel_l2(run(load_transformer(d, dtype="float32"), io), io["output"]) <= 1e-5
+    (d / "diffusion_pytorch_model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(WeightsError, match="00002-of-00002.*missing"):
+        load_transformer(d)

@@ -1,0 +1,92 @@
+"""Wan VAE decode on one GPU: sdjax (fp32 / bf16, latent frames per scan step) against diffusers.
+
+    python benchmarks/vae_decode.py [--sizes 480x832,720x1280] [--no-diffusers]
+
+Random weights (real architecture), 81 frames (21 latent frames). Reports seconds and peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave room for the torch side
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from benchmarks.common import random_like, timed, write_results
+from sdjax.config import ModelConfig
+from sdjax.models.wan.vae import AutoencoderKLWan, WanVAEConfig
+
+
+def bench_sdjax(cfg, h, w, dtype, per_step):
+    vae = random_like(nnx.eval_shape(lambda: AutoencoderKLWan(cfg, dtype=dtype)), scale=0.05)
+    z = jax.random.normal(jax.random.key(0), (1, cfg.z_dim, 21, h // 8, w // 8), jnp.float32)
+    fn = jax.jit(lambda v, z: v.decode(z, latent_frames_per_step=per_step))
+    t0 = time.perf_counter()
+    compiled = fn.lower(vae, z).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    need = (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes) / 2**30
+    s = float(np.median(timed(compiled, vae, z, warmup=1, iters=3)))
+    del vae
+    return s, compile_s, need
+
+
+def bench_diffusers(cfg, h, w, dtype):
+    import torch
+    from diffusers import AutoencoderKLWan as TorchVAE
+
+    tdtype = torch.float32 if dtype == "float32" else torch.bfloat16
+    with torch.device("cuda"):
+        vae = TorchVAE(base_dim=cfg.base_dim, z_dim=cfg.z_dim, dim_mult=list(cfg.dim_mult),
+                       num_res_blocks=cfg.num_res_blocks, temperal_downsample=list(cfg.temperal_downsample))
+    vae = vae.to(tdtype).eval()
+    z = torch.randn(1, cfg.z_dim, 21, h // 8, w // 8, device="cuda", dtype=tdtype)
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    with torch.no_grad():
+        for i in range(3):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            vae.decode(z)
+            torch.cuda.synchronize()
+            if i:
+                times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    del vae
+    torch.cuda.empty_cache()
+    return float(np.median(times)), peak
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--sizes", default="480x832,720x1280")
+    p.add_argument("--no-diffusers", action="store_true")
+    args = p.parse_args()
+    cfg = WanVAEConfig.from_dict(ModelConfig.named("wan2.1-t2v-1.3b").vae)
+    rows = []
+    for size in args.sizes.split(","):
+        h, w = map(int, size.split("x"))
+        for dtype in ("float32", "bfloat16"):
+            for per_step in (1, 3):
+                s, c, need = bench_sdjax(cfg, h, w, jnp.dtype(dtype), per_step)
+                row = {"size": f"{w}x{h}x81", "dtype": dtype, "latents_per_step": per_step, "sdjax_s": s,
+                       "compile_s": c, "xla_buffers_GiB": need}
+                if per_step == 1 and not args.no_diffusers:
+                    try:
+                        d, peak = bench_diffusers(cfg, h, w, dtype)
+                        row.update(diffusers_s=d, diffusers_peak_GiB=peak, speedup=d / s)
+                    except Exception as e:
+                        row["diffusers_error"] = f"{type(e).__name__}: {str(e)[:60]}"
+                rows.append(row)
+                print(row, flush=True)
+    write_results("vae_decode", rows, "Wan VAE decode, random weights, 81 frames (21 latent frames), B=1.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,327 @@
+"""Flash-attention forward for Hopper (sm_90) in Pallas Mosaic GPU: wgmma, TMA, warp specialisation.
+
+One CTA owns 2 * block_q query rows of one (batch, head) and has three warpgroups:
+  - warpgroups 0 and 1 compute, block_q rows each (wgmma needs 64-row tiles per warpgroup);
+  - warpgroup 2 only issues TMA copies of K/V blocks into a `stages`-deep shared-memory ring and
+    gives its registers to the compute warpgroups (setmaxnreg).
+Per key block a compute warpgroup does S = Q Kᵀ (wgmma, Q and K from shared memory), an online softmax
+in base 2 (the 1/sqrt(H) scale folded into log2(e), one FMA per logit), and O += P V (wgmma with P from
+registers). Two schedules:
+  - `overlap=False`: the compute warpgroups "ping-pong" on a shared barrier, so one's softmax runs while
+    the other's matmuls occupy the tensor cores (jax's attention_mgpu example does this);
+  - `overlap=True` (ping-pong optional): inside a warpgroup, S_{j+1} = Q K_{j+1}ᵀ and O += P_j V_j
+    are issued together and the softmax of block j+1 runs while P_j V_j is still on the tensor cores
+    (FlashAttention-3's intra-warpgroup overlap).
+`default_config(S)` picks the variant measured fastest on an H200 for the key length: 192-key blocks with
+ping-pong for long self-attention (647 TFLOP/s at Wan-1.3B 480p vs cuDNN's 568 through JAX), 128-key
+blocks with the overlap schedule for short (text) keys.
+
+Ragged lengths cost nothing extra: TMA zero-fills rows read past the end of q/k/v and drops rows
+written past the end of o, so nothing is padded in memory (except token counts that are not multiples of
+8, or fewer keys than `stages` blocks: tiny copies); only the last key block is masked (keys at or past
+kv_end = min(kv_len[b], S)), and key blocks wholly past kv_end are never loaded.
+
+Not CPU-runnable (Mosaic GPU has no interpreter for wgmma); CI checks that it lowers for CUDA, and
+`benchmarks/attention.py` checks it against cuDNN and a float64 reference on the GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+LOG2_E = math.log2(math.e)
+_ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per query row, laid out like a wgmma accumulator's rows
+
+
+@dataclasses.dataclass(frozen=True)
+class MgpuConfig:
+    block_q: int = 64  # query rows per compute warpgroup (a CTA covers 2 * block_q rows)
+    block_kv: int = 128  # keys per pipeline step
+    stages: int = 2  # depth of the K/V shared-memory ring
+    overlap: bool = False  # FA3 intra-warpgroup overlap of softmax with the P V matmul
+    pingpong: bool = True  # alternate the two compute warpgroups' matmul phases
+
+    def __post_init__(self):
+        if self.block_q % 64 or self.block_kv % 64:
+            raise ValueError(f"MgpuConfig: block_q and block_kv must be multiples of 64, got {self}")
+        if self.stages < 2:
+            raise ValueError(f"MgpuConfig: stages must be >= 2, got {self.stages}")
+
+
+# Measured on an H200 (benchmarks/NOTES.md, Attention; benchmarks/results/attention_h200*.json):
+# - long key sequences (32,760 and 75,600): 192-key blocks with the ping-pong schedule, 637-653 TFLOP/s
+#   (128-key blocks: 603-608; 128 + FA3 overlap without ping-pong: 632-649, within run-to-run noise);
+# - 512 text keys: 192-key blocks pad the third block (387 TFLOP/s), so 128-key blocks with the overlap
+#   schedule and no ping-pong (462; the ping-pong 128 variant: 444).
+LONG_KV_CONFIG = MgpuConfig(block_kv=192)
+SHORT_KV_CONFIG = MgpuConfig(block_kv=128, overlap=True, pingpong=False)
+LONG_KV_FROM = 4096  # keys; measured points: 512 (short wins), 32,760 and 75,600 (long wins)
+
+
+def default_config(S: int) -> MgpuConfig:
+    """The measured-fastest variant for S keys."""
+    return LONG_KV_CONFIG if S >= LONG_KV_FROM else SHORT_KV_CONFIG
+
+
+def unsupported_reason(q, k) -> str | None:
+    """Why this kernel can't run these inputs (None if it can). Platform checks live in the dispatcher."""
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        return f"needs bfloat16 or float16 inputs, got {q.dtype}"
+    if q.shape[-1] not in (64, 128):
+        return f"supports head_dim 64 and 128, got {q.shape[-1]}"
+    return None
+
+
+def _smem(shape, dtype):
+    # 128-byte swizzle with (8, 64) tiles: the layout wgmma reads without bank conflicts (64 x 2 bytes).
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+
+
+def flash_attention_mgpu(q, k, v, kv_len=None, *, config: MgpuConfig | None = None):
+    """softmax(q kᵀ / sqrt(H)) v on Hopper. q (B, T, N, H), k/v (B, S, N, H), kv_len (B,) -> (B, T, N, H).
+
+    `config` defaults to `default_config(S)`, the fastest variant measured for that many keys.
+    """
+    config = default_config(k.shape[1]) if config is None else config
+    if (reason := unsupported_reason(q, k)) is not None:
+        raise ValueError(f"flash_attention_mgpu {reason}")
+    T, S = q.shape[1], k.shape[1]
+    block_kv = config.block_kv
+    n_kv_max = pl.cdiv(S, block_kv)
+    stages = min(config.stages, n_kv_max)
+    # TMA boxes need token counts that are multiples of the 8-row smem tile, and the first `stages`
+    # key blocks are fetched with static offsets that must lie inside K/V: pad only in those (short or
+    # odd-length) cases; Wan's lengths (32,760, 75,600, 512) pass through untouched.
+    q = _pad_tokens(q, -(-T // 8) * 8)
+    S_min = n_kv_max * block_kv if n_kv_max <= stages else -(-S // 8) * 8
+    k, v = _pad_tokens(k, S_min), _pad_tokens(v, S_min)
+    out = _flash_mgpu(q, k, v, kv_len, S=S, stages=stages, config=config)
+    return out[:, :T] if out.shape[1] != T else out
+
+
+def _pad_tokens(x, length: int):
+    if x.shape[1] >= length:
+        return x
+    return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
+
+
+def _flash_mgpu(q, k, v, kv_len, *, S: int, stages: int, config: MgpuConfig):
+    """The kernel proper; keys at or past S (or kv_len) are masked whatever k's padded length."""
+    B, T, N, H = q.shape
+    dtype = q.dtype
+    block_q, block_kv = config.block_q, config.block_kv
+    n_kv_max = pl.cdiv(S, block_kv)
+    scale = LOG2_E / math.sqrt(H)
+    ragged = kv_len is not None or S % block_kv != 0
+    with_kv_len = kv_len is not None
+
+    def kv_bounds(kv_len_ref, b):
+        """(kv_end, number of key blocks, number of unmasked key blocks) for batch row b."""
+        if not with_kv_len:
+            return S, n_kv_max, S // block_kv
+        kv_end = jnp.clip(kv_len_ref[b], 1, S)
+        return kv_end, (kv_end + block_kv - 1) // block_kv, kv_end // block_kv
+
+    def kernel(q_ref, k_ref, v_ref, kv_len_ref, o_ref, scoped):
+        qi, h, b = lax.axis_index("q"), lax.axis_index("heads"), lax.axis_index("batch")
+        wg = lax.axis_index("wg")
+        (q_smem2, k_smem, v_smem), (k_ready, v_ready, q_ready), (k_free, v_free), sched = scoped
+        kv_end, n_kv, n_full = kv_bounds(kv_len_ref, b)
+
+        def sched_sync():
+            plgpu.barrier_arrive(sched)
+            plgpu.barrier_wait(sched)
+
+        def softmax(s, m, l, j, masked):
+            """Online-softmax update for key block j: returns (P in the input dtype, m, l, alpha)."""
+            if masked:
+                cols = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
+                s = jnp.where(cols < kv_end - j * block_kv, s, -jnp.inf)
+            m_new = jnp.maximum(m, s.max(axis=1) * scale)
+            alpha = jnp.exp2(m - m_new)
+            p = jnp.exp2(s * scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            l = l * alpha + p.sum(axis=1)
+            return p.astype(dtype), m_new, l, alpha
+
+        def two_phase(q_smem, carry0):
+            """Schedule without intra-warpgroup overlap: S = QKᵀ; softmax; O += PV, per block."""
+
+            def body(j, carry, masked):
+                acc, m, l = carry
+                slot = lax.rem(j, stages)
+
+                def qk(s_ref):
+                    plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].T)
+                    if config.pingpong:
+                        sched_sync()
+                    return s_ref[...]
+
+                s = pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), jnp.float32))
+                plgpu.barrier_arrive(k_free.at[slot])
+                p, m, l, alpha = softmax(s, m, l, j, masked)
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                # Keeps the scheduler from sinking the softmax past the barrier (as in jax's example).
+                acc, m, l, p = lax.optimization_barrier((acc, m, l, p))
+                if config.pingpong:
+                    plgpu.barrier_arrive(sched)
+                plgpu.barrier_wait(v_ready.at[slot])
+                if config.pingpong:
+                    plgpu.barrier_wait(sched)
+
+                def pv(o_ref):
+                    plgpu.wgmma(o_ref, p, v_smem.at[slot])
+
+                    @pl.when(j + 1 < n_kv)
+                    def _():
+                        plgpu.barrier_wait(k_ready.at[lax.rem(j + 1, stages)])
+
+                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                plgpu.barrier_arrive(v_free.at[slot])
+                return acc, m, l
+
+            carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry0)
+            if ragged:
+                carry = lax.fori_loop(n_full, n_kv, functools.partial(body, masked=True), carry)
+            return carry[0], carry[2]
+
+        def overlapped(q_smem, carry0):
+            """FA3 schedule: issue S_j = Q K_jᵀ and O += P_{j-1} V_{j-1}, softmax S_j while PV runs."""
+            _, m, l = carry0
+
+            def first_qk(s_ref):
+                plgpu.wgmma(s_ref, q_smem, k_smem.at[0].T)
+                return s_ref[...]
+
+            s = pl.run_scoped(first_qk, plgpu.ACC((block_q, block_kv), jnp.float32))
+            plgpu.barrier_arrive(k_free.at[0])
+            p, m, l, _ = softmax(s, m, l, 0, masked=ragged)
+
+            def loop(o_ref):
+                def body(j, carry, masked):
+                    p_prev, m, l = carry
+                    slot, prev = lax.rem(j, stages), lax.rem(j - 1, stages)
+                    plgpu.barrier_wait(k_ready.at[slot])
+                    plgpu.barrier_wait(v_ready.at[prev])
+
+                    def step(s_ref):
+                        plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].T)
+                        plgpu.wgmma(o_ref, p_prev, v_smem.at[prev])
+                        if config.pingpong:
+                            sched_sync()
+                        s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # S_j done, PV may still run
+                        plgpu.barrier_arrive(k_free.at[slot])
+                        p, m_new, l_new, alpha = softmax(s, m, l, j, masked)
+                        o = plgpu.wgmma_accumulator_load(o_ref, wait_n=0)
+                        plgpu.barrier_arrive(v_free.at[prev])
+                        o_ref[...] = o * lax.broadcast_in_dim(alpha, o.shape, [0])
+                        if config.pingpong:
+                            sched_sync()
+                        return p, m_new, l_new
+
+                    return pl.run_scoped(step, plgpu.ACC((block_q, block_kv), jnp.float32))
+
+                first_masked = max(n_full, 1) if isinstance(n_full, int) else jnp.maximum(n_full, 1)
+                carry = lax.fori_loop(1, first_masked, functools.partial(body, masked=False), (p, m, l))
+                if ragged:
+                    carry = lax.fori_loop(first_masked, n_kv, functools.partial(body, masked=True), carry)
+                p_last, _, l_last = carry
+                last = lax.rem(n_kv - 1, stages)
+                plgpu.barrier_wait(v_ready.at[last])
+                plgpu.wgmma(o_ref, p_last, v_smem.at[last])
+                plgpu.wgmma_wait(0)
+                plgpu.barrier_arrive(v_free.at[last])
+                return l_last
+
+            acc, l = _run_scoped_acc(loop, (block_q, H))
+            return acc, l
+
+        @pl.when(wg < 2)
+        def _compute():
+            plgpu.set_max_registers(240 if config.overlap else 232, action="increase")
+            q_smem = q_smem2.at[wg]
+            q_base = (2 * qi + wg) * block_q
+            plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_base, block_q), h], q_smem, q_ready.at[wg])
+            plgpu.barrier_wait(q_ready.at[wg])
+            m = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), _ROW)
+            l = plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), _ROW)
+            acc = plgpu.layout_cast(jnp.zeros((block_q, H), jnp.float32), plgpu.Layout.WGMMA)
+            plgpu.barrier_wait(k_ready.at[0])  # n_kv >= 1 always (kv_end is clipped to >= 1)
+            if config.pingpong:
+                pl.when(wg == 1)(sched_sync)  # offsets warpgroup 1 by one phase
+            run = overlapped if config.overlap else two_phase
+            acc, l = run(q_smem, (acc, m, l))
+            if config.pingpong:
+                pl.when(wg == 0)(sched_sync)  # balances the barrier's arrivals
+            acc = acc * lax.broadcast_in_dim(1.0 / l, acc.shape, [0])
+            q_smem[...] = acc.astype(dtype)  # Q is no longer needed: its buffer stages O for the TMA store
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, pl.ds(q_base, block_q), h])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 2)
+        def _memory():
+            plgpu.set_max_registers(24 if config.overlap else 40, action="decrease")
+
+            def fetch(j, slot):
+                rows = (b, pl.ds(j * block_kv, block_kv), h)
+                plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_ready.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_ready.at[slot])
+
+            for i in range(stages):
+                if isinstance(n_kv, int):  # static: the first `stages` blocks always exist (stages <= n_kv)
+                    fetch(i, i)
+                else:
+                    pl.when(i < n_kv)(functools.partial(fetch, i, i))
+
+            @pl.loop(0, n_kv - stages)
+            def _(j):
+                slot = lax.rem(j, stages)
+                rows = (b, pl.ds((j + stages) * block_kv, block_kv), h)
+                plgpu.barrier_wait(k_free.at[slot])
+                plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_ready.at[slot])
+                plgpu.barrier_wait(v_free.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_ready.at[slot])
+
+    def entry(q_ref, k_ref, v_ref, *rest):
+        kv_len_ref, o_ref = rest if with_kv_len else (None, *rest)
+        pl.run_scoped(
+            lambda *scoped: kernel(q_ref, k_ref, v_ref, kv_len_ref, o_ref, scoped),
+            (_smem((2, block_q, H), dtype), _smem((stages, block_kv, H), dtype),
+             _smem((stages, block_kv, H), dtype)),
+            (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+             plgpu.Barrier(num_barriers=2)),
+            (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
+            plgpu.Barrier(num_arrivals=2),
+            collective_axes="wg",
+        )
+
+    args = (q, k, v) if kv_len is None else (q, k, v, kv_len.astype(jnp.int32))
+    return plgpu.kernel(
+        entry,
+        out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+        # Pallas MGPU launches the last grid axis as CUDA's x (fastest): q-blocks vary fastest, so the
+        # CTAs resident at once share one head's K/V in L2 (heads fastest cost 11% at 40 heads).
+        grid=(B, N, pl.cdiv(T, 2 * block_q)),
+        grid_names=("batch", "heads", "q"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(*args)
+
+
+def _run_scoped_acc(fn, shape):
+    """Runs fn(acc_ref) with a zeroed fp32 wgmma accumulator; returns (final accumulator, fn's result)."""
+
+    def wrapped(acc_ref):
+        out = fn(acc_ref)
+        return acc_ref[...], out
+
+    return pl.run_scoped(wrapped, plgpu.ACC(shape, jnp.float32))

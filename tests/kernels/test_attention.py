@@ -1,0 +1,192 @@
+"""Attention kernels on CPU: our Pallas kernels in interpret mode, splash interpreted, and the dispatcher,
+each against a float64 numpy reference on fresh random inputs (the seed is in every failure message).
+
+Tolerances are relative L2 against float64 on the same (rounded) inputs: bfloat16 1e-2 (observed ~2e-3:
+output rounding plus P rounded to bf16 before P·V), float16 2e-3 (observed ~3e-4), float32 1e-5.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sdjax.kernels import attention_table
+from sdjax.kernels.attention import (
+    BACKENDS,
+    AttentionBackendError,
+    attention,
+    available_backends,
+    choose_backend,
+)
+from sdjax.kernels.flash_pallas import flash_attention_tpu, flash_attention_triton
+from sdjax.kernels.splash import splash_attention
+
+TOL = {jnp.bfloat16: 1e-2, jnp.float16: 2e-3, jnp.float32: 1e-5}
+
+
+def reference_f64(q, k, v, kv_len=None):
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    s = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1])
+    if kv_len is not None:
+        keep = np.arange(k.shape[1])[None, :] < np.asarray(kv_len)[:, None]
+        s = np.where(keep[:, None, None, :], s, -np.inf)
+    s -= s.max(-1, keepdims=True)
+    p = np.exp(s)
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bnts,bsnh->btnh", p, v)
+
+
+def random_qkv(B, T, S, N, H, dtype):
+    seed = int(np.random.SeedSequence().entropy % 2**32)  # fresh inputs every run, reproducible on failure
+    rng = np.random.default_rng(seed)
+    q, k, v = (jnp.asarray(rng.standard_normal((B, L, N, H)), dtype) for L in (T, S, S))
+    return seed, q, k, v
+
+
+def check(out, q, k, v, kv_len, seed, tol):
+    assert out.shape == q.shape and out.dtype == q.dtype
+    out = np.asarray(out, np.float64)
+    assert np.isfinite(out).all(), f"non-finite output (seed {seed})"
+    ref = reference_f64(q, k, v, None if kv_len is None else np.asarray(kv_len))
+    err = np.linalg.norm(out - ref) / np.linalg.norm(ref)
+    assert err < tol, f"rel L2 {err:.2e} >= {tol} (seed {seed})"
+    return err
+
+
+# (B, T, S, N, H, kv_len): ragged lengths (not block multiples), cross-attention (T != S), kv_len masking,
+# a q length below one block, and kv_len inside the first key block.
+CASES = [
+    (1, 100, 77, 2, 64, None),
+    (2, 70, 150, 2, 128, [150, 33]),
+    (1, 33, 200, 1, 128, None),
+    (2, 130, 96, 2, 64, [5, 96]),
+]
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("case", CASES)
+def test_triton_kernel_interpret_matches_f64(case, dtype):
+    B, T, S, N, H, kv = case
+    seed, q, k, v = random_qkv(B, T, S, N, H, dtype)
+    kv_len = None if kv is None else jnp.asarray(kv)
+    out = flash_attention_triton(q, k, v, kv_len, block_q=32, block_k=32, interpret=True)
+    check(out, q, k, v, kv, seed, TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("case", CASES[:2])
+def test_tpu_kernel_interpret_matches_f64(case, dtype):
+    B, T, S, N, H, kv = case
+    seed, q, k, v = random_qkv(B, T, S, N, H, dtype)
+    kv_len = None if kv is None else jnp.asarray(kv)
+    out = flash_attention_tpu(q, k, v, kv_len, block_q=128, block_k=128, interpret=True)
+    check(out, q, k, v, kv, seed, TOL[dtype])
+
+
+def test_tpu_kernel_several_key_blocks_interpret():
+    """Key blocks past kv_len are skipped and their index clamped; the carry spans several blocks."""
+    seed, q, k, v = random_qkv(1, 130, 300, 1, 64, jnp.bfloat16)
+    out = flash_attention_tpu(q, k, v, jnp.asarray([260]), block_q=128, block_k=128, interpret=True)
+    check(out, q, k, v, [260], seed, TOL[jnp.bfloat16])
+
+
+def test_splash_interpret_matches_f64():
+    seed, q, k, v = random_qkv(2, 70, 300, 2, 128, jnp.bfloat16)
+    out = splash_attention(q, k, v, jnp.asarray([300, 33]), block_q=128, block_kv=128, interpret=True)
+    check(out, q, k, v, [300, 33], seed, TOL[jnp.bfloat16])
+
+
+# ------------------------------------------------------------------------------------------ dispatcher
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas", "pallas_triton", "auto"])
+def test_dispatch_backends_on_cpu_match_f64(backend):
+    seed, q, k, v = random_qkv(2, 50, 70, 2, 64, jnp.bfloat16)
+    kv = [70, 9]
+    out = attention(q, k, v, kv_len=jnp.asarray(kv), backend=backend)
+    check(out, q, k, v, kv, seed, TOL[jnp.bfloat16])
+
+
+def test_xla_float32_is_tight():
+    seed, q, k, v = random_qkv(1, 3000, 40, 2, 32, jnp.float32)  # > one 2048-query chunk
+    err = check(attention(q, k, v, backend="xla"), q, k, v, None, seed, TOL[jnp.float32])
+    assert err < 1e-5
+
+
+def test_kv_len_is_clipped_to_at_least_one_key():
+    seed, q, k, v = random_qkv(1, 20, 30, 1, 64, jnp.bfloat16)
+    for backend in ("xla", "pallas"):
+        out = attention(q, k, v, kv_len=jnp.asarray([0]), backend=backend)
+        check(out, q, k, v, [1], seed, TOL[jnp.bfloat16])
+
+
+def test_cpu_backends_and_auto():
+    q = jnp.zeros((1, 8, 2, 64), jnp.bfloat16)
+    assert available_backends(q) == ["xla", "pallas", "pallas_triton"]
+    assert choose_backend(q, q) == "xla"  # nothing measured on CPU: the unmeasured order says xla
+    assert set(BACKENDS) == {"auto", "xla", "cudnn", "pallas", "pallas_mgpu", "pallas_triton", "splash"}
+
+
+@pytest.mark.parametrize(("backend", "dtype", "H", "message"), [
+    ("cudnn", jnp.bfloat16, 64, "needs a GPU"),
+    ("pallas_mgpu", jnp.bfloat16, 64, "needs an sm_90"),
+    ("splash", jnp.bfloat16, 64, "needs a TPU"),
+    ("pallas", jnp.float32, 64, "needs bfloat16 or float16"),
+    ("pallas_triton", jnp.bfloat16, 96, "head_dim 64 and 128"),
+    ("flash3", jnp.bfloat16, 64, "unknown; allowed: auto, xla"),
+])
+def test_unsupported_inputs_raise_clear_errors(backend, dtype, H, message):
+    q = jnp.zeros((1, 8, 2, H), dtype)
+    with pytest.raises(AttentionBackendError, match=message):
+        attention(q, q, q, backend=backend)
+
+
+def test_bad_shapes_and_kv_len_raise():
+    q = jnp.zeros((1, 8, 2, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"\(B, T, N, H\)"):
+        attention(q[0], q[0], q[0])
+    with pytest.raises(ValueError, match="incompatible shapes"):
+        attention(q, q[:, :, :1], q[:, :, :1])
+    with pytest.raises(ValueError, match="kv_len must be an integer array of shape"):
+        attention(q, q, q, kv_len=jnp.asarray([1.0]))
+    with pytest.raises(ValueError, match="dtypes differ"):
+        attention(q, q.astype(jnp.float16), q)
+
+
+# ------------------------------------------------------------------------------------------ auto table
+
+
+def _row(device_kind, T, S, N, ms, dtype="bfloat16", kv_len=False):
+    return {"device_kind": device_kind, "platform": "gpu", "arch": "9.0", "shape": "x", "dtype": dtype,
+            "head_dim": 128, "B": 1, "T": T, "S": S, "N": N, "kv_len": kv_len, "ms": ms}
+
+
+def test_ranking_picks_nearest_measured_shape_fastest_first():
+    rows = [_row("NVIDIA H100 80GB HBM3", 32760, 32760, 12, {"cudnn": 11.0, "pallas_mgpu": 10.0, "xla": 40.0}),
+            _row("NVIDIA H100 80GB HBM3", 32760, 512, 12, {"cudnn": 0.2, "pallas_mgpu": 0.3, "xla": None})]
+    common = dict(platform="gpu", arch="9.0", dtype="bfloat16", head_dim=128, B=1, N=12, has_kv_len=False,
+                  rows=rows)
+    assert attention_table.ranking(device_kind="NVIDIA H100 80GB HBM3", T=30000, S=30000, **common) == \
+        ["pallas_mgpu", "cudnn", "xla"]
+    assert attention_table.ranking(device_kind="NVIDIA H100 80GB HBM3", T=32760, S=512, **common) == \
+        ["cudnn", "pallas_mgpu"]  # failed (None) backends are not ranked
+    # kv_len masking on a self-attention-sized call still ranks by the nearest self-attention row
+    assert attention_table.ranking(device_kind="NVIDIA H100 80GB HBM3", T=32760, S=32760,
+                                   **{**common, "has_kv_len": True})[0] == "pallas_mgpu"
+    # another Hopper card falls back to rows of the same architecture; another platform gets nothing
+    assert attention_table.ranking(device_kind="NVIDIA H200", T=75600, S=75600, **common)[0] == "pallas_mgpu"
+    assert attention_table.ranking(device_kind="TPU v5p", **{**common, "platform": "tpu", "arch": ""},
+                                   T=100, S=100) == []
+
+
+def test_measured_table_rows_are_well_formed():
+    for row in attention_table.MEASUREMENTS:
+        assert {"device_kind", "platform", "arch", "dtype", "head_dim", "B", "T", "S", "N", "kv_len",
+                "ms"} <= set(row)
+        assert set(row["ms"]) <= set(BACKENDS) - {"auto", "pallas"}
+
+
+def test_auto_is_traceable_under_jit():
+    seed, q, k, v = random_qkv(1, 40, 40, 2, 64, jnp.bfloat16)
+    out = jax.jit(lambda q, k, v: attention(q, k, v))(q, k, v)
+    check(out, q, k, v, None, seed, TOL[jnp.bfloat16])

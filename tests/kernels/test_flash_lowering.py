@@ -1,0 +1,61 @@
+"""Our accelerator kernels lower for their targets on a CPU-only machine.
+
+Mosaic GPU has no CPU interpreter for wgmma, so the Hopper kernel's numbers are only checked on a GPU
+(benchmarks/attention.py); here CI at least builds its Mosaic GPU module (all Pallas-level lowering:
+layouts, barriers, TMA slices) for both schedules, ragged lengths and kv_len, and the Triton and Mosaic
+TPU modules of the portable kernels. Final compilation (ptxas / libtpu) needs the device.
+"""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks import attention as attention_benchmark
+from sdjax.kernels import flash_mgpu
+from sdjax.kernels.flash_mgpu import MgpuConfig, flash_attention_mgpu
+from sdjax.kernels.flash_pallas import flash_attention_tpu, flash_attention_triton
+
+
+def _export(fn, platform, B, T, S, N, H, kv_len):
+    q = jax.ShapeDtypeStruct((B, T, N, H), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((B, S, N, H), jnp.bfloat16)
+    # Triton kernels have no export-compatibility guarantee; we only want the module built.
+    checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    if kv_len:
+        f = jax.jit(lambda q, k, v, l: fn(q, k, v, l))
+        args = (q, kv, kv, jax.ShapeDtypeStruct((B,), jnp.int32))
+    else:
+        f = jax.jit(lambda q, k, v: fn(q, k, v, None))
+        args = (q, kv, kv)
+    return jax.export.export(f, platforms=[platform], disabled_checks=checks)(*args).mlir_module()
+
+
+@pytest.mark.parametrize("config", [MgpuConfig(), MgpuConfig(overlap=True)], ids=["pingpong", "overlap"])
+@pytest.mark.parametrize("shape", [(1, 1000, 1000, 2, 128, False), (2, 300, 77, 1, 64, True)],
+                         ids=["ragged", "short_kv_len"])
+def test_mgpu_kernel_lowers_for_cuda(config, shape):
+    module = _export(lambda q, k, v, l: flash_attention_mgpu(q, k, v, l, config=config), "cuda", *shape)
+    assert "mosaic_gpu" in module
+
+
+def _abstract_device(kind, platform):
+    device = jax.sharding.AbstractDevice(device_kind=kind, num_cores=1, platform=platform)
+    return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device))
+
+
+def test_triton_kernel_lowers_for_cuda():
+    with _abstract_device("NVIDIA H100", "gpu"):
+        module = _export(flash_attention_triton, "cuda", 1, 1000, 777, 2, 128, True)
+    assert "xla.gpu.triton" in module
+
+
+def test_tpu_kernel_lowers_for_tpu():
+    with _abstract_device("TPU v5p", "tpu"):
+        module = _export(flash_attention_tpu, "tpu", 1, 1000, 777, 2, 128, True)
+    assert "tpu_custom_call" in module
+
+
+def test_default_config_by_key_length():
+    assert flash_mgpu.default_config(75600) == flash_mgpu.LONG_KV_CONFIG
+    assert flash_mgpu.default_config(512) == flash_mgpu.SHORT_KV_CONFIG
+    assert attention_benchmark.LONG_KV_FROM == flash_mgpu.LONG_KV_FROM  # the benchmark's key-length classes
