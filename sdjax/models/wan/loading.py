@@ -150,8 +150,12 @@ def abstract_transformer(cfg: WanTransformerConfig, dtype: str, attention_backen
 
 
 def load_transformer(path: str | Path, dtype: str = "float32", *, attention_backend: str = "auto",
-                     expected_config: WanTransformerConfig | None = None) -> WanTransformer3DModel:
-    """The Wan DiT from a diffusers `transformer/` dir, an original Wan dir, or an Orbax dir (`convert`)."""
+                     expected_config: WanTransformerConfig | None = None, system=None) -> WanTransformer3DModel:
+    """The Wan DiT from a diffusers `transformer/` dir, an original Wan dir, or an Orbax dir (`convert`).
+
+    `system` (a `SystemConfig`) with more than one device: the model is placed on its mesh, each tensor going
+    straight to its devices, and runs there (`sdjax.sharding`); callers still pass ordinary inputs.
+    """
     path = Path(path)
     if not path.exists():
         raise WeightsError(f"{path}: transformer weights directory does not exist")
@@ -162,12 +166,19 @@ def load_transformer(path: str | Path, dtype: str = "float32", *, attention_back
         except ValueError as e:
             raise WeightsError(str(e)) from None
     model = abstract_transformer(cfg, dtype, attention_backend)
+    shardings = None
+    if system is not None and system.num_devices > 1:
+        from sdjax.sharding import make_mesh, param_shardings, shard_transformer
+
+        # The abstract leaves get their mesh shardings first; loading then places every tensor there.
+        shard_transformer(model, make_mesh(system), shard_weights=getattr(system, "shard_weights", False))
+        shardings = param_shardings(model)
     if (path / "orbax").is_dir():  # converted by `python -m sdjax.convert`
         from sdjax.models.wan.convert import restore_into
 
         restore_into(model, path / "orbax")
     else:
-        load_weights_into(model, path)
+        load_weights_into(model, path, shardings)
     return model
 
 

@@ -247,7 +247,8 @@ class Attention(nnx.Module):
         self.norm_q = RMSNorm(d, cfg.eps)
         self.norm_k = RMSNorm(d, cfg.eps)
 
-    def __call__(self, x, context=None, rope=None):
+    def __call__(self, x, context=None, rope=None, attend=None):
+        """`attend(q, k, v)` replaces the attention kernel call (sequence parallelism injects its own)."""
         src = x if context is None else context
         q = self.norm_q(self.to_q(x))
         k = self.norm_k(self.to_k(src))
@@ -256,7 +257,7 @@ class Attention(nnx.Module):
         q, k, v = heads(q), heads(k), heads(v)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = attention(q, k, v, backend=self.backend)
+        out = attention(q, k, v, backend=self.backend) if attend is None else attend(q, k, v)
         return self.to_out(out.reshape(*out.shape[:2], -1))
 
 
@@ -285,12 +286,15 @@ class WanBlock(nnx.Module):
         self.scale_shift_table = nnx.Param(
             jax.random.normal(rngs.params(), (1, 6, cfg.dim), jnp.float32) / math.sqrt(cfg.dim))
 
-    def __call__(self, x, e0, text, rope):
-        """x (B, L, D) fp32 residual stream; e0 (B, 6, D) fp32; text (B, S, D); rope = (cos, sin)."""
+    def __call__(self, x, e0, text, rope, attend=None):
+        """x (B, L, D) fp32 residual stream; e0 (B, 6, D) fp32; text (B, S, D); rope = (cos, sin).
+
+        `attend` is the self-attention kernel when the tokens are split over devices (cross-attention to the
+        whole text needs no communication and keeps the plain kernel)."""
         mod = self.scale_shift_table[...] + e0
         shift1, scale1, gate1, shift2, scale2, gate2 = (mod[:, i : i + 1] for i in range(6))
         u = (layer_norm(x, self.eps) * (1 + scale1) + shift1).astype(self.dtype)
-        x = x + self.attn1(u, rope=rope).astype(jnp.float32) * gate1
+        x = x + self.attn1(u, rope=rope, attend=attend).astype(jnp.float32) * gate1
         u = self.norm2(x).astype(self.dtype)
         x = x + self.attn2(u, context=text).astype(jnp.float32)
         u = (layer_norm(x, self.eps) * (1 + scale2) + shift2).astype(self.dtype)
@@ -322,6 +326,8 @@ class WanTransformer3DModel(nnx.Module):
             jax.random.normal(rngs.params(), (1, 2, cfg.dim), jnp.float32) / math.sqrt(cfg.dim))
         out = math.prod(cfg.patch_size) * cfg.out_channels
         self.proj_out = _linear(cfg.dim, out, jnp.float32, rngs, fp32=True)
+        # How the blocks run on a device mesh; set by `sdjax.sharding.shard_transformer` (None: one device).
+        self.parallel = None
 
     # The pieces, so samplers and caches can compose them (embed → blocks → head).
 
@@ -336,8 +342,14 @@ class WanTransformer3DModel(nnx.Module):
         return x, temb, e0, text, (jnp.asarray(cos), jnp.asarray(sin))
 
     def run_blocks(self, x, e0, text, rope, blocks=None):
-        """Run the stacked blocks with one scan (compile time does not grow with depth)."""
-        graphdef, state = nnx.split(self.blocks if blocks is None else blocks)
+        """Run the stacked blocks with one scan (compile time does not grow with depth).
+
+        On a mesh, `self.parallel` runs the same scan inside `jax.shard_map` with the tokens split over devices.
+        """
+        blocks = self.blocks if blocks is None else blocks
+        if self.parallel is not None:
+            return self.parallel.run_blocks(blocks, x, e0, text, rope)
+        graphdef, state = nnx.split(blocks)
 
         def body(h, layer_state):
             return nnx.merge(graphdef, layer_state)(h, e0, text, rope), None

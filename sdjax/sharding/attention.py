@@ -1,0 +1,182 @@
+"""Self-attention over a token sequence split across devices: Ulysses, Ring, and the hybrid of both.
+
+Runs inside `jax.shard_map` on the mesh of `sdjax.sharding.mesh`. Each device holds q, k, v of its own
+tokens, (B, L/P, N, K) with P = ring × ulysses; the result is the attention of those queries over all L
+tokens, the same numbers as one device (fp32: to rounding).
+
+1. Ulysses (axis "ulysses", size U): all-to-all that trades tokens for heads, (B, L/P, N, K) ->
+   (B, L/R, N/U, K): each device then holds whole sequence blocks for a subset of heads. Heads that do not
+   divide U are padded with zero heads (12 heads on 8 devices: 16), which are dropped afterwards.
+2. Ring (axis "ring", size R): each device keeps its queries and passes its K/V block to the next device R-1
+   times (`ppermute`); the block results are merged with an online softmax on their log-sum-exp, in fp32.
+   The next block's transfer is issued before the current block's compute so the two overlap.
+3. The inverse all-to-all gives each device its own tokens back, all heads.
+
+Tokens that do not divide P are padded at the end of the sequence by the caller; `true_len` masks them as
+keys (their query rows are computed and dropped).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from sdjax.config import ConfigError
+from sdjax.kernels.attention import AttentionBackendError, attention
+
+# A finite "minus infinity": a block whose keys are all padding gets weight exp(NEG - lse) = 0, never NaN.
+NEG = -1e30
+
+
+def sequence_parallel_attention(q, k, v, *, ulysses: int, ring: int, true_len: int, backend: str = "auto",
+                                comm: bool = True):
+    """q, k, v: this device's tokens (B, T, N, K), T = Lp / (ring·ulysses) -> (B, T, N, K).
+
+    `true_len` is the number of real tokens L ≤ Lp (the rest is padding). `comm=False` replaces every
+    collective by a local op of the same shape (wrong numbers; only for timing the compute alone).
+    """
+    B, T, N, K = q.shape
+    Lp = T * ring * ulysses
+    if ulysses > 1:
+        Np = -(-N // ulysses) * ulysses
+        if Np != N:  # zero heads attend uniformly to zero values: finite, and dropped below
+            pad = ((0, 0), (0, 0), (0, Np - N), (0, 0))
+            q, k, v = (jnp.pad(t, pad) for t in (q, k, v))
+        to_heads = partial(_all_to_all, split_axis=2, concat_axis=1, comm=comm)
+        q, k, v = to_heads(q), to_heads(k), to_heads(v)  # (B, Lp/R, Np/U, K)
+    if ring == 1:
+        kv_len = None if true_len == Lp else jnp.full((B,), true_len, jnp.int32)
+        out = attention(q, k, v, kv_len=kv_len, backend=backend)
+    else:
+        out = ring_attention(q, k, v, ring=ring, true_len=true_len if true_len < Lp else None, backend=backend,
+                             comm=comm)
+    if ulysses > 1:
+        out = _all_to_all(out, split_axis=1, concat_axis=2, comm=comm)[:, :, :N]  # (B, T, N, K)
+    return out
+
+
+def _all_to_all(x, *, split_axis, concat_axis, comm):
+    if comm:
+        return jax.lax.all_to_all(x, "ulysses", split_axis, concat_axis, tiled=True)
+    # Same shapes, no traffic: keep the first 1/U of split_axis, repeat it U times along concat_axis.
+    u = jax.lax.psum(1, "ulysses")  # the axis size
+    part = jax.lax.slice_in_dim(x, 0, x.shape[split_axis] // u, axis=split_axis)
+    return jnp.concatenate([part] * u, axis=concat_axis)
+
+
+def ring_attention(q, k, v, *, ring: int, true_len: int | None, backend: str = "auto", comm: bool = True):
+    """Attention of the local queries over the K/V blocks of every device of the "ring" axis.
+
+    q (B, T, N, K) and k/v (B, S, N, K) hold block r of the sequence on ring device r; keys at global
+    position >= true_len (None: none) are masked. Returns (B, T, N, K) in q's dtype.
+    """
+    r = jax.lax.axis_index("ring")
+    S = k.shape[1]
+    perm = [(i, (i + 1) % ring) for i in range(ring)]  # send to the next device: at step s, hold block r - s
+
+    def attend_block(step, k, v):
+        n_valid = None if true_len is None else jnp.clip(true_len - ((r - step) % ring) * S, 0, S)
+        return block_attention(q, k, v, n_valid, backend=backend)
+
+    def merge(out, lse, o_j, lse_j):  # online softmax over blocks, fp32
+        new = jnp.logaddexp(lse, lse_j)
+        return out * jnp.exp(lse - new)[..., None] + o_j * jnp.exp(lse_j - new)[..., None], new
+
+    def step(s, carry):
+        k, v, out, lse = carry
+        # The next block's transfer does not depend on this block's compute: XLA runs them concurrently.
+        k_next, v_next = (jax.lax.ppermute(t, "ring", perm) if comm else t for t in (k, v))
+        out, lse = merge(out, lse, *attend_block(s, k, v))
+        return k_next, v_next, out, lse
+
+    out, lse = attend_block(0, k, v)
+    if ring > 1:
+        k, v = (jax.lax.ppermute(t, "ring", perm) if comm else t for t in (k, v))
+        k, v, out, lse = jax.lax.fori_loop(1, ring - 1, step, (k, v, out, lse))
+        out, _ = merge(out, lse, *attend_block(ring - 1, k, v))
+    return out.astype(q.dtype)
+
+
+# ------------------------------------------------------------------------------------- one K/V block
+
+
+# Ring attention merges blocks by their log-sum-exp, which only these kernels return.
+RING_BACKENDS = ("auto", "cudnn", "xla")
+
+
+def check_ring_backend(backend: str, ring: int) -> None:
+    if ring > 1 and backend not in RING_BACKENDS:
+        raise ConfigError(f"attention_backend={backend!r} is not allowed with ring={ring}: ring attention needs "
+                          f"the kernel's log-sum-exp; one of {', '.join(RING_BACKENDS)} (or ulysses instead of ring)")
+
+
+def block_attention(q, k, v, n_valid=None, *, backend: str = "auto"):
+    """Attention over one K/V block with its log-sum-exp: (out (B, T, N, K) fp32, lse (B, T, N) fp32).
+
+    Keys at index >= n_valid (a traced scalar, or None for all) are masked; with none valid, lse = NEG.
+    """
+    if backend not in RING_BACKENDS:
+        raise AttentionBackendError(f"attention backend {backend!r} cannot run ring attention (it needs the "
+                                    f"kernel's log-sum-exp); with ring > 1 use one of {', '.join(RING_BACKENDS)}")
+    if backend == "auto":
+        on_gpu = jax.devices()[0].platform == "gpu"
+        backend = "cudnn" if on_gpu and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] <= 128 else "xla"
+    if backend == "cudnn":
+        return _cudnn_block(q, k, v, n_valid)
+    return _xla_block(q, k, v, n_valid)
+
+
+def _xla_block(q, k, v, n_valid, *, q_chunk: int = 2048):
+    """Plain XLA, fp32 logits and statistics; queries in chunks so memory is O(q_chunk × S) per head."""
+    B, T, N, K = q.shape
+    S = k.shape[1]
+    scale = 1.0 / math.sqrt(K)
+    valid = None if n_valid is None else jnp.arange(S) < n_valid  # (S,)
+
+    def one_chunk(qc):  # (B, C, N, K)
+        s = jnp.einsum("bqnh,bknh->bnqk", qc, k, preferred_element_type=jnp.float32) * scale
+        if valid is not None:
+            s = jnp.where(valid, s, NEG)
+        m = s.max(-1, keepdims=True)
+        p = jnp.exp(s - m)
+        l = p.sum(-1, keepdims=True)
+        o = jnp.einsum("bnqk,bknh->bqnh", (p / l).astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return o, (m + jnp.log(l))[..., 0].transpose(0, 2, 1)  # lse (B, C, N)
+
+    if T <= q_chunk:
+        return one_chunk(q)
+    n = -(-T // q_chunk)
+    qp = jnp.pad(q, ((0, 0), (0, n * q_chunk - T), (0, 0), (0, 0))).reshape(B, n, q_chunk, N, K).swapaxes(0, 1)
+    o, lse = jax.lax.map(one_chunk, qp)  # (n, B, C, ...)
+    o = o.swapaxes(0, 1).reshape(B, n * q_chunk, N, K)[:, :T]
+    lse = lse.swapaxes(0, 1).reshape(B, n * q_chunk, N)[:, :T]
+    return o, lse
+
+
+def _cudnn_block(q, k, v, n_valid):
+    """cuDNN flash attention with its fp32 softmax statistics (the public `jax.nn.dot_product_attention`
+    rounds them to the output dtype, too coarse for the merge)."""
+    if jax.devices()[0].platform != "gpu":
+        raise AttentionBackendError("attention backend 'cudnn' needs a GPU")
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise AttentionBackendError(f"attention backend 'cudnn' needs bfloat16 or float16 inputs, got {q.dtype}")
+    try:
+        from jax._src.cudnn.fused_attention_stablehlo import MaskType
+        from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
+    except ImportError as e:  # a private module: say so plainly if a jax release moves it
+        raise AttentionBackendError(f"ring attention with cuDNN needs jax's cuDNN attention module ({e}); "
+                                    "use attention_backend='xla'") from None
+    B, T = q.shape[:2]
+    kw = {}
+    if n_valid is not None:
+        kw = dict(q_seqlen=jnp.full((B,), T, jnp.int32), kv_seqlen=jnp.full((B,), jnp.maximum(n_valid, 1), jnp.int32),
+                  mask_type=MaskType.PADDING)
+    out, lse = cudnn_attention(q, k, v, scale=1.0 / math.sqrt(q.shape[-1]), return_residual=True, **kw)
+    lse = lse.astype(jnp.float32).transpose(0, 2, 1)  # cuDNN gives (B, N, T)
+    out = out.astype(jnp.float32)
+    if n_valid is not None:  # a block of padding only: no weight
+        lse = jnp.where(n_valid > 0, lse, NEG)
+    return out, lse
