@@ -214,6 +214,7 @@ class SystemConfig:
     cfg_parallel: int = 1
     ulysses: int = 1
     ring: int = 1
+    shard_weights: bool = False  # split the DiT's block weights over the mesh (14B on smaller cards)
     compile_cache_dir: str | None = None
     weights: str | None = None
 

@@ -62,6 +62,7 @@ class Settings:
     cfg_parallel: int = 1
     ulysses: int = 1
     ring: int = 1
+    shard_weights: bool = False
     compile_cache_dir: str | None = None
     engine: str | None = None  # "module:callable" engine factory hook (tests, custom engines)
     # network / roles
@@ -119,7 +120,8 @@ class Settings:
 
         return SystemConfig(
             dtype=self.dtype or "bfloat16", attention_backend=self.attention_backend, cfg_parallel=self.cfg_parallel,
-            ulysses=self.ulysses, ring=self.ring, compile_cache_dir=self.compile_cache_dir,
+            ulysses=self.ulysses, ring=self.ring, shard_weights=self.shard_weights,
+            compile_cache_dir=self.compile_cache_dir,
         )
 
 
@@ -130,12 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                    help="default: float32 for the embedded demo model, bfloat16 otherwise")
     g.add_argument("--attention-backend", default="auto")
-    g.add_argument("--cfg-parallel", type=int, default=1)
-    g.add_argument("--ulysses", type=int, default=1)
-    g.add_argument("--ring", type=int, default=1)
     g.add_argument("--compile-cache-dir", default=None)
     g.add_argument("--engine", default=os.environ.get("SDJAX_ENGINE"),
                    help="engine factory 'module:callable' (default: sdjax.pipeline.Pipeline); env SDJAX_ENGINE")
+    from sdjax.sharding.launch import add_args as add_layout_args
+
+    add_layout_args(p)  # --cfg-parallel / --ulysses / --ring / --shard-weights and the multi-host flags
     g = p.add_argument_group("service")
     g.add_argument("--host", default="127.0.0.1")
     g.add_argument("--port", type=int, default=8000)
@@ -183,6 +185,9 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         admin_keys = parse_keys(a.admin_key + env_admin)
     except ValueError as e:
         parser.error(str(e))
+    if a.distributed or a.coordinator_address:
+        # The leader/follower loop exists (sdjax.sharding.multihost.lead/follow); the service does not drive it yet.
+        parser.error("--distributed / --coordinator-address: multi-host serving is not wired into the service yet")
     for name in ("queue_limit", "max_attempts", "max_prompt_chars", "max_body_bytes"):
         if getattr(a, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -191,7 +196,8 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     worker_id = a.worker_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
     return Settings(
         model=a.model, dtype=a.dtype, attention_backend=a.attention_backend, cfg_parallel=a.cfg_parallel,
-        ulysses=a.ulysses, ring=a.ring, compile_cache_dir=a.compile_cache_dir, engine=a.engine,
+        ulysses=a.ulysses, ring=a.ring, shard_weights=a.shard_weights, compile_cache_dir=a.compile_cache_dir,
+        engine=a.engine,
         host=a.host, port=a.port, role=a.role, backend=a.backend, redis_url=a.redis_url,
         redis_prefix=a.redis_prefix, data_dir=a.data_dir, worker_id=worker_id,
         api_keys=api_keys, admin_keys=admin_keys,

@@ -21,6 +21,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                    help="2: the conditional and unconditional branches on separate device groups")
     g.add_argument("--ulysses", type=int, default=1, help="sequence parallel degree, all-to-all over heads")
     g.add_argument("--ring", type=int, default=1, help="sequence parallel degree, K/V passed around a ring")
+    g.add_argument("--shard-weights", action="store_true",
+                   help="split the DiT block weights over the devices, gathered a layer at a time (for 14B)")
     g = parser.add_argument_group("multi-host (jax.distributed; one program on every host, process 0 leads)")
     g.add_argument("--distributed", action="store_true",
                    help="call jax.distributed.initialize (cluster auto-detection; implied by --coordinator-address)")
@@ -31,7 +33,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def layout_kwargs(args: argparse.Namespace) -> dict:
     """The `SystemConfig` fields of the layout flags."""
-    return {"cfg_parallel": args.cfg_parallel, "ulysses": args.ulysses, "ring": args.ring}
+    return {"cfg_parallel": args.cfg_parallel, "ulysses": args.ulysses, "ring": args.ring,
+            "shard_weights": args.shard_weights}
 
 
 def initialize_from_args(args: argparse.Namespace) -> bool:

@@ -171,7 +171,7 @@ def load_transformer(path: str | Path, dtype: str = "float32", *, attention_back
         from sdjax.sharding import make_mesh, param_shardings, shard_transformer
 
         # The abstract leaves get their mesh shardings first; loading then places every tensor there.
-        shard_transformer(model, make_mesh(system), shard_weights=getattr(system, "shard_weights", False))
+        shard_transformer(model, make_mesh(system), shard_weights=system.shard_weights)
         shardings = param_shardings(model)
     if (path / "orbax").is_dir():  # converted by `python -m sdjax.convert`
         from sdjax.models.wan.convert import restore_into
