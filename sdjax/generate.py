@@ -29,6 +29,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="default: float32 for the demo model, bfloat16 otherwise")
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--out", default=None, help="output path (.mp4 or .png); default outputs/<seed>.mp4")
+    from sdjax.sharding.launch import add_args
+
+    add_args(p)  # --cfg-parallel / --ulysses / --ring and the multi-host flags
     return p.parse_args(argv)
 
 
@@ -38,10 +41,12 @@ def main(argv=None) -> int:
     from sdjax.config import ConfigError, SystemConfig
     from sdjax.models.weights import WeightsError
     from sdjax.pipeline import Pipeline
+    from sdjax.sharding.launch import initialize_from_args, layout_kwargs
 
     try:
+        initialize_from_args(args)
         system = SystemConfig(dtype=args.dtype or ("float32" if args.model is None else "bfloat16"),
-                              attention_backend=args.attention_backend)
+                              attention_backend=args.attention_backend, **layout_kwargs(args))
         pipe = (Pipeline.default(system=system, dtype=system.dtype) if args.model is None
                 else Pipeline.from_pretrained(args.model, system=system))
         result = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height,

@@ -98,8 +98,14 @@ class Pipeline:
         vcfg = vae.config
         self.temporal_factor = vcfg.temporal_factor
         self.spatial_factor = vcfg.spatial_factor
+        # On a mesh (system layout > 1 device) the DiT carries it; the VAE decode splits over the same devices.
+        from sdjax.sharding import vae as parallel_vae
+
+        parallel = getattr(transformer, "parallel", None)
+        self.mesh = None if parallel is None else parallel.mesh
+        parallel_vae.shard_vae(vae, self.mesh)
         self._encode = jax.jit(lambda enc, ids, mask: enc(ids, mask))
-        self._decode = jax.jit(lambda v, z: v.decode(v.denormalize_latents(z)))
+        self._decode = jax.jit(lambda v, z: parallel_vae.decode(v, v.denormalize_latents(z), self.mesh))
 
     # ------------------------------------------------------------------ construction
 
@@ -127,7 +133,8 @@ class Pipeline:
             defaults = dataclasses.replace(model_config.defaults, flow_shift=float(shift))
             model_config = dataclasses.replace(model_config, defaults=defaults)
         transformer = load_transformer(root / "transformer", dtype=dtype, attention_backend=system.attention_backend,
-                                       expected_config=WanTransformerConfig.from_dict(model_config.transformer))
+                                       expected_config=WanTransformerConfig.from_dict(model_config.transformer),
+                                       system=system)
         vae = load_vae(root / "vae", dtype="float32")  # the VAE is cheap next to the DiT; fp32 keeps it exact
         text_encoder = load_text_encoder(root / "text_encoder", dtype=dtype)
         tokenizer = load_tokenizer(root / "tokenizer" / "tokenizer.json")
@@ -171,27 +178,37 @@ class Pipeline:
         return jax.random.normal(jax.random.key(params.seed), self.latent_shape(params), jnp.float32)
 
     def denoise(self, params: UserParams, text: TextEmbeddings, *, latents=None, on_step=None,
-                should_stop=None) -> jax.Array:
-        """Stage 2: the flow-matching loop. One compiled step per latent shape; the host drives the steps."""
+                should_stop=None, stats: dict | None = None) -> jax.Array:
+        """Stage 2: the flow-matching loop. One compiled step per latent shape and cache policy; the host drives
+        the steps, the feature cache (`params.cache`) decides on the device. `stats`, a dict, receives
+        `steps_computed` / `steps_skipped` (and the per-step log) after the loop."""
+        from sdjax.sampling import cache
+
         if latents is None:
             latents = self.initial_latents(params)
         elif tuple(latents.shape) != self.latent_shape(params):
             raise ConfigError(f"latents: shape {tuple(latents.shape)} does not match height/width/num_frames "
                               f"(expected {self.latent_shape(params)})")
-        n = params.num_inference_steps
-        schedule = solvers.make_schedule(params.solver, n, params.flow_shift).padded(self.config.limits.max_steps)
+        n, max_steps = params.num_inference_steps, self.config.limits.max_steps
+        schedule = solvers.make_schedule(params.solver, n, params.flow_shift).padded(max_steps)
         schedule = jax.tree.map(jnp.asarray, schedule)
         do_cfg = text.uncond is not None
         uncond = text.uncond if do_cfg else text.cond
         guidance = jnp.float32(params.guidance_scale)
-        state = loop.init_state(params.solver, latents)
+        policy = params.cache.policy
+        plan = cache.make_plan(policy, params.cache.threshold, n, max_steps, self.transformer.config)
+        plan = jax.tree.map(jnp.asarray, plan)
+        state = loop.init_state(params.solver, latents, policy, model=self.transformer, do_cfg=do_cfg,
+                                max_steps=max_steps)
         for i in range(n):
             if should_stop is not None and should_stop():
                 raise Cancelled(f"stopped before step {i + 1} of {n}")
             state = loop.denoise_step(self.transformer, state, jnp.int32(i), schedule, text.cond, uncond, guidance,
-                                      solver=params.solver, do_cfg=do_cfg)
+                                      plan, solver=params.solver, do_cfg=do_cfg, policy=policy)
             if on_step is not None:
                 on_step(i + 1, n)
+        if stats is not None:
+            stats.update(cache.summary(state.cache, n))
         return state.latents
 
     def decode(self, latents) -> np.ndarray:
@@ -226,8 +243,9 @@ class Pipeline:
 
         t0 = time.perf_counter()
         bar = _progress_bar(params.num_inference_steps, progress)
+        cache_stats = {}
         z = self.denoise(params, text, latents=None if latents is None else jnp.asarray(latents, jnp.float32),
-                         on_step=lambda i, n: bar.update(1) if bar else None)
+                         on_step=lambda i, n: bar.update(1) if bar else None, stats=cache_stats)
         z = jax.block_until_ready(z)
         if bar:
             bar.close()
@@ -237,7 +255,7 @@ class Pipeline:
         frames = self.decode(z)
         timings["decode_s"] = time.perf_counter() - t0
         info = {"model": self.config.name, "seed": params.seed, "params": _public(params), "timings": timings,
-                "steps_computed": params.num_inference_steps, "steps_skipped": 0}
+                "steps_computed": cache_stats["steps_computed"], "steps_skipped": cache_stats["steps_skipped"]}
         return GenerationResult(frames, info)
 
 

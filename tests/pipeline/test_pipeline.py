@@ -116,3 +116,14 @@ def test_cli_png_for_one_frame_and_clear_errors(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "sdjax.generate", "--model", str(ROOT), "--prompt", "a cat",
                           "--frames", "6"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "num_frames" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_steps_shift_and_guidance_change_without_recompiling(pipe):
+    from sdjax.sampling import loop
+
+    kw = dict(height=16, width=16, num_frames=5, progress=False, seed=1)
+    pipe("a cat", num_inference_steps=2, guidance_scale=3.0, flow_shift=3.0, **kw)
+    compiled = loop.denoise_step._cache_size()
+    pipe("a cat", num_inference_steps=5, guidance_scale=7.5, flow_shift=8.0, **kw)
+    pipe("a dog", num_inference_steps=3, guidance_scale=2.0, flow_shift=1.0, **kw)
+    assert loop.denoise_step._cache_size() == compiled
