@@ -21,8 +21,8 @@ class Engine(Protocol):
     """The stage API of `sdjax.pipeline.Pipeline` that the scheduler drives.
 
     `config` has `.name`, `.defaults` (ModelDefaults) and `.limits` (ModelLimits). Optional attributes the
-    service reads when present: `version` (weights version label) and, on the object `denoise` returns,
-    `cache_skip_ratio` (fraction of transformer evaluations a feature cache skipped).
+    service reads when present: `version` (weights version label). `denoise` fills `stats` (a dict) with
+    `steps_computed` / `steps_skipped` of the feature cache.
     """
 
     config: Any
@@ -31,7 +31,7 @@ class Engine(Protocol):
 
     def encode_text(self, params) -> Any: ...
 
-    def denoise(self, params, text, *, on_step=None, should_stop=None) -> Any: ...  # raises on should_stop()
+    def denoise(self, params, text, *, on_step=None, should_stop=None, stats=None) -> Any: ...  # raises on stop
 
     def decode(self, latents) -> np.ndarray: ...  # (F, H, W, 3) float32 in [0, 1]
 

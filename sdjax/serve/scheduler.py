@@ -51,6 +51,7 @@ class _Run:
     params: object = None
     text: object = None
     latents: object = None
+    cache_skip_ratio: float | None = None
     timings: dict = dataclasses.field(default_factory=dict)
     reason: str | None = None  # why it was halted: cancel | release | lost
     stop: threading.Event = dataclasses.field(default_factory=threading.Event)
@@ -379,8 +380,11 @@ class Worker:
             self._wake.set()  # the lease loop may prefetch the next job now
 
         t = time.perf_counter()
+        stats = {}
         run.latents = run.engine.denoise(run.params, run.text, on_step=on_step,
-                                         should_stop=lambda: self._should_stop(run))
+                                         should_stop=lambda: self._should_stop(run), stats=stats)
+        done = stats.get("steps_computed", 0) + stats.get("steps_skipped", 0)
+        run.cache_skip_ratio = stats["steps_skipped"] / done if done else None
         _block(run.latents)
         run.text = None
         self._timed(run, "denoise", t)
@@ -393,7 +397,7 @@ class Worker:
         self._set_stage(run, "decode", progress=91)
         t = time.perf_counter()
         frames = run.engine.decode(run.latents)
-        skip = getattr(run.latents, "cache_skip_ratio", None)
+        skip = run.cache_skip_ratio
         run.latents = None
         self._timed(run, "decode", t)
         if run.stop.is_set():

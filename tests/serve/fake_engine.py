@@ -58,7 +58,7 @@ class FakeEngine:
         digest = hashlib.sha256(params.prompt.encode()).digest()
         return np.frombuffer(digest[:3], np.uint8).astype(np.float32) / 255.0  # the prompt's colour
 
-    def denoise(self, params, text, *, on_step=None, should_stop=None) -> FakeLatents:
+    def denoise(self, params, text, *, on_step=None, should_stop=None, stats=None) -> FakeLatents:
         rng = np.random.default_rng(params.seed)
         z = rng.random((params.num_frames, params.height // PATCH, params.width // PATCH, 3), dtype=np.float32)
         n, skipped = params.num_inference_steps, 0
@@ -74,6 +74,8 @@ class FakeEngine:
                 z = 0.7 * z + 0.3 * text
             if on_step is not None:
                 on_step(i + 1, n)
+        if stats is not None:
+            stats.update(steps_computed=n - skipped, steps_skipped=skipped)
         return FakeLatents(z, skipped / n)
 
     def decode(self, latents: FakeLatents) -> np.ndarray:
