@@ -7,6 +7,7 @@ per-stage timing summary; writes MP4 (H.264, yuv420p) or PNG when --frames is 1.
 from __future__ import annotations
 
 import argparse
+import secrets
 import sys
 from pathlib import Path
 
@@ -44,7 +45,10 @@ def main(argv=None) -> int:
     from sdjax.sharding.launch import initialize_from_args, layout_kwargs
 
     try:
-        initialize_from_args(args)
+        if initialize_from_args(args) and args.seed is None:
+            from sdjax.sharding.multihost import broadcast
+
+            args.seed = broadcast(secrets.randbits(31))  # every host must draw the same noise
         system = SystemConfig(dtype=args.dtype or ("float32" if args.model is None else "bfloat16"),
                               attention_backend=args.attention_backend, **layout_kwargs(args))
         pipe = (Pipeline.default(system=system, dtype=system.dtype) if args.model is None
@@ -59,6 +63,10 @@ def main(argv=None) -> int:
     out = Path(args.out or f"outputs/{result.info['seed']}.{'png' if len(frames) == 1 else 'mp4'}")
     if len(frames) == 1 and out.suffix.lower() == ".mp4":
         out = out.with_suffix(".png")
+    from sdjax.sharding.multihost import is_leader
+
+    if not is_leader():
+        return 0  # every host computed the video; process 0 writes it
     path = media.save(frames, out, fps=pipe.config.defaults.fps, metadata=result.info["params"])
     t = result.info["timings"]
     print(f"text encode {t['text_encode_s']:.2f} s | denoise {t['denoise_s']:.2f} s | decode {t['decode_s']:.2f} s")

@@ -6,8 +6,8 @@ HTTP server or the command line) hands every request to the others before runnin
 follower loop:
 
     # on every host (same code, same weights path, same launch args):
-    python -m sdjax.serve --coordinator-address host0:7777 --num-processes 2 --process-id $RANK \\
-        --ulysses 8 --cfg-parallel 2                        # 16 devices: 8 per host
+    python -m sdjax.generate --model DIR --prompt "…" --coordinator-address host0:7777 --num-processes 2 \\
+        --process-id $RANK --ulysses 8 --cfg-parallel 2     # 16 devices: 8 per host; process 0 writes the file
 
     from sdjax.sharding import launch, multihost
     launch.initialize_from_args(args)                       # before anything touches a device
@@ -21,7 +21,8 @@ The flags come from `sdjax.sharding.launch.add_args`; `--coordinator-address` et
 `jax.distributed.initialize` detects the cluster (SLURM, Open MPI, Kubernetes, Cloud TPU). Keep the Ulysses
 axis inside a host (NVLink) and let ring and CFG cross hosts: `make_mesh` takes the devices in `jax.devices()`
 order, host by host, so the fastest-varying "ulysses" axis stays local when ulysses <= devices per host.
-Not testable across hosts here; one process exercises the same code paths.
+Not testable across hosts here; one process exercises the same code paths. The service (`sdjax.serve`) does not
+drive the leader/follower loop yet: it refuses the multi-host flags.
 """
 
 from __future__ import annotations
