@@ -25,6 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from sdjax.models.wan.transformer import scan_layers
 from sdjax.sharding.attention import check_ring_backend, sequence_parallel_attention
 from sdjax.sharding.mesh import AXES, SEQ
 
@@ -50,7 +51,7 @@ class SequenceParallel:
         # divide is replicated over them instead.
         return "cfg" if batch % self.mesh.shape["cfg"] == 0 else None
 
-    def run_blocks(self, blocks, x, e0, text, rope):
+    def run_blocks(self, blocks, x, e0, text, rope, layers=None):
         """x (B, L, D) -> (B, L, D) through the stacked `blocks`, tokens split over the mesh."""
         B, L, _ = x.shape
         sp = self.ring * self.ulysses
@@ -64,12 +65,12 @@ class SequenceParallel:
                          backend=blocks.attn1.backend, comm=self.comm)
 
         def local(state, x, e0, text, cos, sin):  # runs on each device with its own tokens
-            def body(h, layer):
+            def apply(h, layer):
                 if self.shard_weights:
                     layer = jax.tree.map(_gather_weight, layer, weight_specs)
-                return nnx.merge(graphdef, layer)(h, e0, text, (cos, sin), attend), None
+                return nnx.merge(graphdef, layer)(h, e0, text, (cos, sin), attend)
 
-            return jax.lax.scan(body, x, state)[0]
+            return scan_layers(apply, x, state, layers)
 
         run = jax.shard_map(local, mesh=self.mesh, check_vma=False,
                             in_specs=(weight_specs, P(b, SEQ), P(b), P(b), P(SEQ), P(SEQ)), out_specs=P(b, SEQ))

@@ -301,6 +301,24 @@ class WanBlock(nnx.Module):
         return x + self.ffn(u).astype(jnp.float32) * gate2
 
 
+def scan_layers(apply, x, stacked_state, layers=None):
+    """h = apply(h, layer_state) over the stacked layers, in one `lax.scan`.
+
+    `layers=(start, stop)` (stop None = the last) scans only that range, reading each layer by index inside the
+    loop: slicing the stacked weights instead would copy them (27 GB for the 14B model).
+    """
+    if layers is None:
+        return jax.lax.scan(lambda h, layer: (apply(h, layer), None), x, stacked_state)[0]
+    n = jax.tree.leaves(stacked_state)[0].shape[0]
+    start, stop = layers[0], n if layers[1] is None else layers[1]
+
+    def body(h, i):
+        layer = jax.tree.map(lambda w: jax.lax.dynamic_index_in_dim(w, i, keepdims=False), stacked_state)
+        return apply(h, layer), None
+
+    return jax.lax.scan(body, x, jnp.arange(start, stop))[0]
+
+
 # ------------------------------------------------------------------------------------------ model
 
 
@@ -341,20 +359,17 @@ class WanTransformer3DModel(nnx.Module):
         cos, sin = rope_angles(self.token_grid(latents.shape), cfg.attention_head_dim, cfg.rope_theta)
         return x, temb, e0, text, (jnp.asarray(cos), jnp.asarray(sin))
 
-    def run_blocks(self, x, e0, text, rope, blocks=None):
+    def run_blocks(self, x, e0, text, rope, blocks=None, layers=None):
         """Run the stacked blocks with one scan (compile time does not grow with depth).
 
-        On a mesh, `self.parallel` runs the same scan inside `jax.shard_map` with the tokens split over devices.
+        `layers=(start, stop)` runs only that range (feature caches split the first block off). On a mesh,
+        `self.parallel` runs the same scan inside `jax.shard_map` with the tokens split over devices.
         """
         blocks = self.blocks if blocks is None else blocks
         if self.parallel is not None:
-            return self.parallel.run_blocks(blocks, x, e0, text, rope)
+            return self.parallel.run_blocks(blocks, x, e0, text, rope, layers=layers)
         graphdef, state = nnx.split(blocks)
-
-        def body(h, layer_state):
-            return nnx.merge(graphdef, layer_state)(h, e0, text, rope), None
-
-        return jax.lax.scan(body, x, state)[0]
+        return scan_layers(lambda h, layer: nnx.merge(graphdef, layer)(h, e0, text, rope), x, state, layers)
 
     def head(self, x, temb, latent_shape):
         """Modulated LayerNorm + projection, then unpatchify to (B, C, F, H, W) fp32."""
