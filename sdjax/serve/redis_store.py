@@ -116,10 +116,6 @@ class RedisStore(S.JobStore):
     def queue_position(self, job):
         return self.r.zrank(self._k("queued"), job.id) if job.status == S.QUEUED else None
 
-    def cancel(self, job_id):
-        self._update(job_id, lambda j: S.t_cancel(j, time.time()))
-        return self.get(job_id)
-
     def result_path(self, job):
         if job.status != S.COMPLETED or not job.result:
             return None

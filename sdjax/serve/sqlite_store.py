@@ -123,10 +123,6 @@ class SqliteStore(S.JobStore):
             return None
         return self._read("SELECT COUNT(*) FROM jobs WHERE status=? AND seq<?", (S.QUEUED, job.seq))[0][0]
 
-    def cancel(self, job_id):
-        self._update(job_id, lambda j: S.t_cancel(j, time.time()))
-        return self.get(job_id)
-
     def result_path(self, job):
         if job.status != S.COMPLETED or not job.result:
             return None

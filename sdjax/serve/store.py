@@ -190,8 +190,13 @@ class JobStore(ABC):
     def queue_position(self, job: Job) -> int | None:
         """0-based number of queued jobs ahead (FIFO order, ignoring fairness)."""
 
+    def cancel(self, job_id: str) -> Job | None:
+        self._update(job_id, lambda j: t_cancel(j, time.time()))
+        return self.get(job_id)
+
     @abstractmethod
-    def cancel(self, job_id: str) -> Job | None: ...
+    def _update(self, job_id: str, move, *args) -> Job | None:
+        """Apply the transition `move(job) -> job | None` atomically; returns the stored job."""
 
     @abstractmethod
     def result_path(self, job: Job) -> Path | None:

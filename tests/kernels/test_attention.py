@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks.attention import reference_f64
 from sdjax.kernels import attention_table
 from sdjax.kernels.attention import (
     BACKENDS,
@@ -22,18 +23,6 @@ from sdjax.kernels.flash_pallas import flash_attention_tpu, flash_attention_trit
 from sdjax.kernels.splash import splash_attention
 
 TOL = {jnp.bfloat16: 1e-2, jnp.float16: 2e-3, jnp.float32: 1e-5}
-
-
-def reference_f64(q, k, v, kv_len=None):
-    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-    s = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1])
-    if kv_len is not None:
-        keep = np.arange(k.shape[1])[None, :] < np.asarray(kv_len)[:, None]
-        s = np.where(keep[:, None, None, :], s, -np.inf)
-    s -= s.max(-1, keepdims=True)
-    p = np.exp(s)
-    p /= p.sum(-1, keepdims=True)
-    return np.einsum("bnts,bsnh->btnh", p, v)
 
 
 def random_qkv(B, T, S, N, H, dtype):
