@@ -215,8 +215,8 @@ class SystemConfig:
     ulysses: int = 1
     ring: int = 1
     shard_weights: bool = False  # split the DiT's block weights over the mesh (14B on smaller cards)
-    compile_cache_dir: str | None = None
-    weights: str | None = None
+    compile_cache_dir: str | None = None  # JAX's persistent compilation cache (a warm start compiles in seconds)
+    weights: str | None = None  # the model directory to serve (None: the embedded demo model)
 
     def __post_init__(self):
         from sdjax.kernels.attention import BACKENDS
@@ -235,3 +235,12 @@ class SystemConfig:
     @property
     def num_devices(self) -> int:
         return self.cfg_parallel * self.ulysses * self.ring
+
+    def apply_to_runtime(self) -> None:
+        """Process-wide JAX settings these params imply; entry points (CLI, service) call it once at start."""
+        if self.compile_cache_dir:
+            import jax
+
+            Path(self.compile_cache_dir).mkdir(parents=True, exist_ok=True)
+            jax.config.update("jax_compilation_cache_dir", str(self.compile_cache_dir))
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

@@ -29,6 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="default: float32 for the demo model, bfloat16 otherwise")
     p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--compile-cache-dir", default=None,
+                   help="JAX persistent compilation cache: a second run with the same shapes compiles in seconds")
     p.add_argument("--out", default=None, help="output path (.mp4 or .png); default outputs/<seed>.mp4")
     from sdjax.sharding.launch import add_args
 
@@ -50,7 +52,10 @@ def main(argv=None) -> int:
 
             args.seed = broadcast(secrets.randbits(31))  # every host must draw the same noise
         system = SystemConfig(dtype=args.dtype or ("float32" if args.model is None else "bfloat16"),
-                              attention_backend=args.attention_backend, **layout_kwargs(args))
+                              attention_backend=args.attention_backend, compile_cache_dir=args.compile_cache_dir,
+                              weights=args.model,
+                              **layout_kwargs(args))
+        system.apply_to_runtime()
         pipe = (Pipeline.default(system=system, dtype=system.dtype) if args.model is None
                 else Pipeline.from_pretrained(args.model, system=system))
         result = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height,

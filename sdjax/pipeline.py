@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,7 +109,7 @@ class Pipeline:
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: str | None = None, system: SystemConfig | None = None,
+    def from_pretrained(cls, path: str | Path | None, dtype: str | None = None, system: SystemConfig | None = None,
                         model_config: ModelConfig | str | None = None) -> Pipeline:
         """Load a diffusers-format root (model_index.json, tokenizer/, text_encoder/, transformer/, vae/)."""
         from sdjax.models.tokenizer import load_tokenizer
@@ -122,7 +121,9 @@ class Pipeline:
 
         system = system or SystemConfig()
         dtype = dtype or system.dtype
-        root = Path(path)
+        if path is None and system.weights is None:
+            raise ConfigError("from_pretrained: give a model directory (path=…, or SystemConfig(weights=…))")
+        root = Path(path if path is not None else system.weights)
         _check_root(root)
         if isinstance(model_config, str):
             model_config = ModelConfig.named(model_config)
@@ -276,9 +277,9 @@ def _progress_bar(total: int, enabled: bool):
 def generate(prompt: str, model: str | Path | None = None, *, dtype: str | None = None,
              system: SystemConfig | None = None, **kwargs) -> GenerationResult:
     """One call: load the model (the embedded demo model when `model` is None) and generate."""
+    model = model if model is not None else (system.weights if system is not None else None)
     if model is None:
         pipe = Pipeline.default(system=system, dtype=dtype or "float32")
     else:
-        with warnings.catch_warnings():
-            pipe = Pipeline.from_pretrained(model, dtype=dtype, system=system)
+        pipe = Pipeline.from_pretrained(model, dtype=dtype, system=system)
     return pipe(prompt, **kwargs)

@@ -74,3 +74,26 @@ def test_system_config_validates_and_is_frozen():
 def test_unknown_model_lists_the_built_in_ones():
     with pytest.raises(ConfigError, match="wan2.1-t2v-1.3b"):
         ModelConfig.named("wan9")
+
+
+def test_compile_cache_dir_is_applied_by_entry_points(tmp_path):
+    import jax
+
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        SystemConfig(compile_cache_dir=str(tmp_path / "cc")).apply_to_runtime()
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "cc")
+        assert (tmp_path / "cc").is_dir()
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_system_weights_is_the_default_model_directory():
+    from sdjax.pipeline import Pipeline
+    from tests.conftest import FIXTURES
+
+    pipe = Pipeline.from_pretrained(None, dtype="float32",
+                                    system=SystemConfig(weights=str(FIXTURES / "wan_pipeline_tiny")))
+    assert pipe.transformer.config.num_layers == 2
+    with pytest.raises(ConfigError, match="model directory"):
+        Pipeline.from_pretrained(None)

@@ -46,6 +46,7 @@ def pipeline_engine(settings, model: str | None = None) -> Engine:
     from sdjax.pipeline import Pipeline
 
     system = settings.system_config()
+    system.apply_to_runtime()
     if model is None:
         return Pipeline.default(system=system, dtype=settings.dtype or "float32")
     return Pipeline.from_pretrained(model, dtype=settings.dtype, system=system)

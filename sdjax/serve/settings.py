@@ -121,7 +121,7 @@ class Settings:
         return SystemConfig(
             dtype=self.dtype or "bfloat16", attention_backend=self.attention_backend, cfg_parallel=self.cfg_parallel,
             ulysses=self.ulysses, ring=self.ring, shard_weights=self.shard_weights,
-            compile_cache_dir=self.compile_cache_dir,
+            compile_cache_dir=self.compile_cache_dir or str(Path(self.data_dir) / "compile-cache"), weights=self.model,
         )
 
 
@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                    help="default: float32 for the embedded demo model, bfloat16 otherwise")
     g.add_argument("--attention-backend", default="auto")
-    g.add_argument("--compile-cache-dir", default=None)
+    g.add_argument("--compile-cache-dir", default=None,
+                   help="JAX persistent compilation cache (default: DATA_DIR/compile-cache)")
     g.add_argument("--engine", default=os.environ.get("SDJAX_ENGINE"),
                    help="engine factory 'module:callable' (default: sdjax.pipeline.Pipeline); env SDJAX_ENGINE")
     from sdjax.sharding.launch import add_args as add_layout_args
