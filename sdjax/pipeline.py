@@ -20,9 +20,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax.config import ConfigError, ModelConfig, SystemConfig, UserParams
-from sdjax.models.weights import WeightsError
-from sdjax.sampling import loop, solvers
+from sdjax.config import CONFIG_DIR, ConfigError, ModelConfig, SystemConfig, UserParams
+from sdjax.models.tokenizer import encode_prompts, load_tokenizer, prompt_clean, wan_text_context
+from sdjax.models.umt5 import load_text_encoder
+from sdjax.models.wan.loading import load_transformer
+from sdjax.models.wan.transformer import WanTransformerConfig
+from sdjax.models.wan.vae import load_vae
+from sdjax.models.weights import WeightsError, read_config
+from sdjax.sampling import cache, loop, solvers
+from sdjax.sharding import vae as parallel_vae
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer")
 DEMO_MODEL = "sdjax-demo"
@@ -63,9 +69,6 @@ def _check_root(root: Path) -> dict:
 
 def _model_config_for(root: Path, transformer_cfg: dict) -> ModelConfig:
     """The built-in model yaml whose architecture equals the checkpoint's; else 1.3B defaults around it."""
-    from sdjax.config import CONFIG_DIR
-    from sdjax.models.wan.transformer import WanTransformerConfig
-
     theirs = WanTransformerConfig.from_dict(transformer_cfg)
     for path in sorted(CONFIG_DIR.glob("*.yaml")):
         cfg = ModelConfig.from_yaml(path)
@@ -98,8 +101,6 @@ class Pipeline:
         self.temporal_factor = vcfg.temporal_factor
         self.spatial_factor = vcfg.spatial_factor
         # On a mesh (system layout > 1 device) the DiT carries it; the VAE decode splits over the same devices.
-        from sdjax.sharding import vae as parallel_vae
-
         parallel = getattr(transformer, "parallel", None)
         self.mesh = None if parallel is None else parallel.mesh
         parallel_vae.shard_vae(vae, self.mesh)
@@ -112,13 +113,6 @@ class Pipeline:
     def from_pretrained(cls, path: str | Path | None, dtype: str | None = None, system: SystemConfig | None = None,
                         model_config: ModelConfig | str | None = None) -> Pipeline:
         """Load a diffusers-format root (model_index.json, tokenizer/, text_encoder/, transformer/, vae/)."""
-        from sdjax.models.tokenizer import load_tokenizer
-        from sdjax.models.umt5 import load_text_encoder
-        from sdjax.models.wan.loading import load_transformer
-        from sdjax.models.wan.transformer import WanTransformerConfig
-        from sdjax.models.wan.vae import load_vae
-        from sdjax.models.weights import read_config
-
         system = system or SystemConfig()
         dtype = dtype or system.dtype
         if path is None and system.weights is None:
@@ -159,8 +153,6 @@ class Pipeline:
 
     def encode_prompt(self, prompt: str, max_sequence_length: int) -> jax.Array:
         """One prompt -> Wan text context (1, S, D): real tokens kept, the rest zeroed."""
-        from sdjax.models.tokenizer import encode_prompts, prompt_clean, wan_text_context
-
         ids, mask = encode_prompts(self.tokenizer, [prompt_clean(prompt)], max_sequence_length)
         hidden = self._encode(self.text_encoder, jnp.asarray(ids), jnp.asarray(mask))
         return wan_text_context(hidden, jnp.asarray(mask)).astype(jnp.float32)
@@ -183,8 +175,6 @@ class Pipeline:
         """Stage 2: the flow-matching loop. One compiled step per latent shape and cache policy; the host drives
         the steps, the feature cache (`params.cache`) decides on the device. `stats`, a dict, receives
         `steps_computed` / `steps_skipped` (and the per-step log) after the loop."""
-        from sdjax.sampling import cache
-
         if latents is None:
             latents = self.initial_latents(params)
         elif tuple(latents.shape) != self.latent_shape(params):
