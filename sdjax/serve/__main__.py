@@ -46,9 +46,20 @@ class DrainingServer(uvicorn.Server):
 def main(argv: list[str] | None = None) -> int:
     settings = parse_settings(argv)
     setup_logging(settings.log_level, settings.log_format)
+    engine_factory = None
+    if settings.multihost:
+        from sdjax.serve.engine import resolve_factory
+        from sdjax.serve.multihost import follow_forever, leader_factory
+        from sdjax.sharding.multihost import is_leader
+
+        if not is_leader():
+            log.info("following process 0's engine calls")
+            follow_forever(resolve_factory(settings.engine), settings)
+            return 0
+        engine_factory = leader_factory(resolve_factory(settings.engine))
     if not settings.api_keys:
         log.warning("no API keys configured: the /v1 routes are open (use --api-key or SDJAX_API_KEYS)")
-    app = create_app(settings)
+    app = create_app(settings, engine_factory)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             log_level=settings.log_level, timeout_graceful_shutdown=5, lifespan="on")
     server = DrainingServer(config, app.state.service, settings.drain_timeout_s)
@@ -56,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
                                 "port": settings.port, "model": settings.model or "(embedded default)",
                                 "worker": settings.worker_id if settings.runs_worker else None})
     server.run()
+    if settings.multihost:
+        from sdjax.sharding.multihost import lead
+
+        lead(None, None)  # ends the followers' loops
     return 0
 
 

@@ -63,6 +63,7 @@ class Settings:
     ulysses: int = 1
     ring: int = 1
     shard_weights: bool = False
+    multihost: bool = False  # jax.distributed is up: process 0 serves, the others follow (serve/multihost.py)
     compile_cache_dir: str | None = None
     engine: str | None = None  # "module:callable" engine factory hook (tests, custom engines)
     # network / roles
@@ -186,9 +187,12 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         admin_keys = parse_keys(a.admin_key + env_admin)
     except ValueError as e:
         parser.error(str(e))
-    if a.distributed or a.coordinator_address:
-        # The leader/follower loop exists (sdjax.sharding.multihost.lead/follow); the service does not drive it yet.
-        parser.error("--distributed / --coordinator-address: multi-host serving is not wired into the service yet")
+    try:
+        from sdjax.sharding.launch import initialize_from_args
+
+        multihost = initialize_from_args(a)  # before anything touches a device
+    except ValueError as e:
+        parser.error(str(e))
     for name in ("queue_limit", "max_attempts", "max_prompt_chars", "max_body_bytes"):
         if getattr(a, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -197,6 +201,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     worker_id = a.worker_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
     return Settings(
         model=a.model, dtype=a.dtype, attention_backend=a.attention_backend, cfg_parallel=a.cfg_parallel,
+        multihost=multihost,
         ulysses=a.ulysses, ring=a.ring, shard_weights=a.shard_weights, compile_cache_dir=a.compile_cache_dir,
         engine=a.engine,
         host=a.host, port=a.port, role=a.role, backend=a.backend, redis_url=a.redis_url,

@@ -21,8 +21,9 @@ The flags come from `sdjax.sharding.launch.add_args`; `--coordinator-address` et
 `jax.distributed.initialize` detects the cluster (SLURM, Open MPI, Kubernetes, Cloud TPU). Keep the Ulysses
 axis inside a host (NVLink) and let ring and CFG cross hosts: `make_mesh` takes the devices in `jax.devices()`
 order, host by host, so the fastest-varying "ulysses" axis stays local when ulysses <= devices per host.
-Not testable across hosts here; one process exercises the same code paths. The service (`sdjax.serve`) does not
-drive the leader/follower loop yet: it refuses the multi-host flags.
+Not testable across hosts here; one process exercises the same code paths. The service drives this loop too:
+`python -m sdjax.serve ... --coordinator-address …` serves HTTP on process 0 and mirrors every engine call on
+the others (`sdjax/serve/multihost.py`).
 """
 
 from __future__ import annotations
