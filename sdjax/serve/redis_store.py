@@ -170,12 +170,6 @@ class RedisStore(S.JobStore):
         Path(artefact).unlink(missing_ok=True)
         return job
 
-    def finish(self, job_id, token, status, error=None, **fields):
-        return self._update(job_id, lambda j: S.t_finish(j, token, time.time(), status, error, fields))
-
-    def release(self, job_id, token):
-        return self._update(job_id, lambda j: S.t_release(j, token))
-
     def reap(self, max_attempts):
         now = time.time()
         ids = [i.decode() for i in self.r.zrangebyscore(self._k("leases"), "-inf", now)]

@@ -160,12 +160,6 @@ class SqliteStore(S.JobStore):
 
         return self._update(job_id, lambda j: S.t_complete(j, token, time.time(), result, fields), on_save=place)
 
-    def finish(self, job_id, token, status, error=None, **fields):
-        return self._update(job_id, lambda j: S.t_finish(j, token, time.time(), status, error, fields))
-
-    def release(self, job_id, token):
-        return self._update(job_id, lambda j: S.t_release(j, token))
-
     def reap(self, max_attempts):
         now = time.time()
         ids = [r[0] for r in self._read("SELECT id FROM jobs WHERE status=? AND lease_expires<=?",

@@ -218,11 +218,11 @@ class JobStore(ABC):
     def complete(self, job_id: str, token: str, artefact: Path, result: dict, **fields) -> Job | None:
         """Store the artefact and mark the job completed, atomically and only for the lease holder."""
 
-    @abstractmethod
-    def finish(self, job_id: str, token: str, status: str, error: dict | None = None, **fields) -> Job | None: ...
+    def finish(self, job_id: str, token: str, status: str, error: dict | None = None, **fields) -> Job | None:
+        return self._update(job_id, lambda j: t_finish(j, token, time.time(), status, error, fields))
 
-    @abstractmethod
-    def release(self, job_id: str, token: str) -> Job | None: ...
+    def release(self, job_id: str, token: str) -> Job | None:
+        return self._update(job_id, lambda j: t_release(j, token))
 
     @abstractmethod
     def reap(self, max_attempts: int) -> list[str]:
