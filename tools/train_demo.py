@@ -59,8 +59,8 @@ from safetensors.numpy import save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sdjax.models.umt5 import UMT5Config, UMT5Encoder, _checkpoint_keys  # noqa: E402
-from sdjax.models.wan.loading import _param_entries  # noqa: E402
+from sdjax.models.umt5 import UMT5Config, UMT5Encoder, checkpoint_keys  # noqa: E402
+from sdjax.models.wan.loading import param_entries  # noqa: E402
 from sdjax.models.wan.transformer import WanTransformer3DModel, WanTransformerConfig  # noqa: E402
 from sdjax.models.wan.vae import AutoencoderKLWan, History, WanVAEConfig  # noqa: E402
 from sdjax.sampling import solvers  # noqa: E402
@@ -433,7 +433,7 @@ def _f16(x) -> np.ndarray:
 
 def export_transformer(dit: WanTransformer3DModel, out: Path) -> None:
     tensors = {}
-    for path, key, var, stacked in _param_entries(dit):
+    for path, key, var, stacked in param_entries(dit):
         value = np.asarray(var[...])
         leaf = str(path[-1])
         for i, v in enumerate(value if stacked else [value]):
@@ -477,7 +477,7 @@ def export_vae(vae: AutoencoderKLWan, out: Path) -> None:
 def export_text_encoder(enc: UMT5Encoder, out: Path) -> None:
     tensors = {}
     for path, var in nnx.to_flat_state(nnx.state(enc, nnx.Param)):
-        keys = _checkpoint_keys(path, enc.config)
+        keys = checkpoint_keys(path, enc.config)
         value = np.asarray(var[...])
         for i, k in enumerate(keys):
             tensors[k] = _f16(value[i] if len(keys) > 1 else value)

@@ -323,7 +323,7 @@ class UMT5Encoder(nnx.Module):
 EMBEDDING_KEYS = ("shared.weight", "encoder.embed_tokens.weight")  # tied: transformers keeps `shared`
 
 
-def _checkpoint_keys(path: tuple, config: UMT5Config) -> list[str]:
+def checkpoint_keys(path: tuple, config: UMT5Config) -> list[str]:
     """transformers key(s) of one of our parameters (one per layer for stacked block parameters)."""
     names = [str(p) for p in path]
     if names[:2] == ["encoder", "block"]:
@@ -353,7 +353,7 @@ def load_text_encoder(path: str | os.PathLike, dtype: str = "float32") -> UMT5En
     if not embedding_keys:
         raise WeightsError(f"{path}: tensor 'shared.weight' (or its tied alias 'encoder.embed_tokens.weight') "
                            "is missing")
-    keys = {p: (embedding_keys[:1] if p == ("shared", "weight") else _checkpoint_keys(p, config)) for p, _ in flat}
+    keys = {p: (embedding_keys[:1] if p == ("shared", "weight") else checkpoint_keys(p, config)) for p, _ in flat}
     check_keys(available, {k for ks in keys.values() for k in ks} | set(embedding_keys), str(path))
 
     for p, var in flat:

@@ -69,8 +69,10 @@ def _is_original_layout(tensors) -> bool:
     return any(k.startswith(("time_embedding.", "head.head.")) for k in tensors)
 
 
-def _param_entries(abstract_model):
-    """(our dotted path, diffusers key or per-layer key template, stacked?) for every parameter."""
+def param_entries(abstract_model):
+    """(our path, diffusers key or per-layer key template `blocks.{i}.…`, variable, stacked?) per parameter.
+
+    The one map between our parameters and checkpoint names (loading here, export in tools/train_demo.py)."""
     state = nnx.state(abstract_model, nnx.Param)
     entries = []
     for path, var in nnx.to_flat_state(state):
@@ -103,7 +105,7 @@ def load_weights_into(model: WanTransformer3DModel, directory: str | Path, shard
     tensors = SafetensorsDir(directory)
     original = _is_original_layout(tensors)
     names = {original_to_diffusers_key(k): k for k in tensors} if original else {k: k for k in tensors}
-    entries = _param_entries(model)
+    entries = param_entries(model)
     n_layers = model.config.num_layers
     expected = set()
     for _, key, _, stacked in entries:
