@@ -5,10 +5,20 @@ The generation parameters travel in the file's metadata (an MP4 `comment` tag / 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
+
+
+@contextlib.contextmanager
+def _spawning_ffmpeg():
+    # ffmpeg runs as a child process: fork is followed at once by exec, so JAX's fork warning does not apply.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+        yield
 
 
 def to_uint8(frames: np.ndarray) -> np.ndarray:
@@ -44,7 +54,8 @@ def save(frames: np.ndarray, path: str | Path, fps: int, metadata: dict | None =
     writer = imageio_ffmpeg.write_frames(
         str(path), (W, H), fps=fps, codec="libx264", pix_fmt_out="yuv420p", quality=None,
         output_params=["-crf", "12", "-movflags", "+faststart", "-metadata", f"comment={meta}"], macro_block_size=1)
-    writer.send(None)
+    with _spawning_ffmpeg():
+        writer.send(None)  # starts ffmpeg
     for frame in pixels:
         writer.send(np.ascontiguousarray(frame))
     writer.close()
@@ -56,7 +67,8 @@ def read_video(path: str | Path) -> np.ndarray:
     import imageio_ffmpeg
 
     reader = imageio_ffmpeg.read_frames(str(path))
-    meta = reader.__next__()
+    with _spawning_ffmpeg():
+        meta = reader.__next__()  # starts ffmpeg
     W, H = meta["size"]
     return np.stack([np.frombuffer(f, np.uint8).reshape(H, W, 3) for f in reader])
 
@@ -72,8 +84,9 @@ def read_metadata(path: str | Path) -> dict:
 
     import imageio_ffmpeg
 
-    out = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(path), "-f", "ffmetadata", "-"],
-                         capture_output=True, text=True, check=True).stdout
+    with _spawning_ffmpeg():
+        out = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(path), "-f", "ffmetadata",
+                              "-"], capture_output=True, text=True, check=True).stdout
     for line in out.splitlines():
         if line.startswith("comment="):
             return json.loads(line[len("comment="):].replace("\\=", "=").replace("\\;", ";").replace("\\#", "#"))
