@@ -1,6 +1,6 @@
 """Wan VAE decode on one GPU: sdjax (fp32 / bf16, latent frames per scan step) against diffusers.
 
-    python benchmarks/vae_decode.py [--sizes 480x832,720x1280] [--no-diffusers]
+    python benchmarks/vae_decode.py [--sizes 480x832,720x1280] [--per-step 1,3] [--no-diffusers]
 
 Random weights (real architecture), 81 frames (21 latent frames). Reports seconds and peak memory.
 """
@@ -67,13 +67,14 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--sizes", default="480x832,720x1280")
     p.add_argument("--no-diffusers", action="store_true")
+    p.add_argument("--per-step", default="1,3", help="latent frames per scan step to time")
     args = p.parse_args()
     cfg = WanVAEConfig.from_dict(ModelConfig.named("wan2.1-t2v-1.3b").vae)
     rows = []
     for size in args.sizes.split(","):
         h, w = map(int, size.split("x"))
         for dtype in ("float32", "bfloat16"):
-            for per_step in (1, 3):
+            for per_step in map(int, args.per_step.split(",")):
                 s, c, need = bench_sdjax(cfg, h, w, jnp.dtype(dtype), per_step)
                 row = {"size": f"{w}x{h}x81", "dtype": dtype, "latents_per_step": per_step, "sdjax_s": s,
                        "compile_s": c, "xla_buffers_GiB": need}

@@ -60,7 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sdjax.models.umt5 import UMT5Config, UMT5Encoder, checkpoint_keys  # noqa: E402
-from sdjax.models.wan.loading import param_entries  # noqa: E402
+from sdjax.models.wan.loading import from_our_layout, param_entries  # noqa: E402
 from sdjax.models.wan.transformer import WanTransformer3DModel, WanTransformerConfig  # noqa: E402
 from sdjax.models.wan.vae import AutoencoderKLWan, History, WanVAEConfig  # noqa: E402
 from sdjax.sampling import solvers  # noqa: E402
@@ -435,13 +435,8 @@ def export_transformer(dit: WanTransformer3DModel, out: Path) -> None:
     tensors = {}
     for path, key, var, stacked in param_entries(dit):
         value = np.asarray(var[...])
-        leaf = str(path[-1])
         for i, v in enumerate(value if stacked else [value]):
-            if leaf == "kernel" and v.ndim == 2:
-                v = v.T  # (in, out) -> torch Linear (out, in)
-            elif leaf == "kernel" and v.ndim == 5:
-                v = v.transpose(4, 3, 0, 1, 2)  # (t, h, w, I, O) -> torch Conv3d (O, I, t, h, w)
-            tensors[key.format(i=i)] = _f16(v)
+            tensors[key.format(i=i)] = _f16(from_our_layout(v, path, dit.config))
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "diffusion_pytorch_model.safetensors"))
     cfg = {"_class_name": "WanTransformer3DModel", "_diffusers_version": "0.33.0.dev0", **TRANSFORMER,

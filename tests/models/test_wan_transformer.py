@@ -11,7 +11,7 @@ from flax import nnx
 
 from sdjax.models.wan import load_transformer
 from sdjax.models.wan.loading import abstract_transformer
-from sdjax.models.wan.transformer import FP32_PARAMS, WanTransformerConfig
+from sdjax.models.wan.transformer import FP32_PARAMS, WanTransformerConfig, apply_rope, rope_pair_permutation
 from sdjax.models.weights import WeightsError
 from tests.conftest import FIXTURES, rel_l2
 
@@ -163,6 +163,52 @@ def test_convert_to_orbax_and_restore(tmp_path):
     out = run(load_transformer(tmp_path / "ckpt", dtype="float32"), io)
     assert rel_l2(out, io["output"]) <= 1e-5
     assert main([str(DIT / "heads3_b2"), str(tmp_path / "ckpt")]) == 2  # refuses to overwrite
+
+
+def test_orbax_checkpoint_of_another_param_layout_is_refused(tmp_path):
+    from sdjax.convert import main
+
+    assert main([str(DIT / "heads3_b2"), str(tmp_path / "ckpt"), "--dtype", "float32"]) == 0
+    config = tmp_path / "ckpt" / "config.json"
+    raw = json.loads(config.read_text())
+    raw.pop("_sdjax_param_layout")  # as written before q/k columns were reordered
+    config.write_text(json.dumps(raw))
+    with pytest.raises(WeightsError, match="parameter layout None.*convert the safetensors again"):
+        load_transformer(tmp_path / "ckpt", dtype="float32")
+
+
+def test_rope_on_halves_equals_rope_on_interleaved_pairs():
+    """The load-time q/k column order: RoPE on halves of the permuted vector = the permuted interleaved RoPE."""
+    N, K, L = 3, 12, 5
+    x = np.random.default_rng(0).standard_normal((1, L, N * K))
+    ang = np.random.default_rng(1).uniform(-3, 3, (L, K // 2))
+    pairs = x.reshape(1, L, N, K // 2, 2)
+    c, s = np.cos(ang)[None, :, None], np.sin(ang)[None, :, None]
+    interleaved = np.stack([pairs[..., 0] * c - pairs[..., 1] * s, pairs[..., 0] * s + pairs[..., 1] * c], -1)
+    perm = rope_pair_permutation(N, K)
+    with jax.enable_x64():
+        halves = apply_rope(jnp.asarray(x[..., perm].reshape(1, L, N, K)), jnp.asarray(np.cos(ang)),
+                            jnp.asarray(np.sin(ang)))
+    want = interleaved.reshape(1, L, N * K)[..., perm].reshape(1, L, N, K)
+    np.testing.assert_allclose(np.asarray(halves, np.float64), want, rtol=1e-6, atol=1e-6)
+
+
+def test_param_layout_round_trips_to_the_checkpoint():
+    from safetensors.numpy import load_file
+
+    from sdjax.models.wan.loading import from_our_layout, param_entries
+
+    src = DIT / "heads3_b2"
+    tensors = load_file(src / "diffusion_pytorch_model.safetensors")
+    model = load_transformer(src, dtype="float32")
+    permuted = 0
+    for path, key, var, stacked in param_entries(model):
+        value = np.asarray(var[...])
+        for i, v in enumerate(value if stacked else [value]):
+            want = tensors[key.format(i=i)]
+            np.testing.assert_array_equal(from_our_layout(v, path, model.config), want, err_msg=key)
+            permuted += int(v.shape == want.shape[::-1] and not np.array_equal(v, want.T))
+    assert permuted == 6 * model.config.num_layers  # attn1 to_q/to_k kernel and bias, norm_q/norm_k weight
 
 
 def test_sharded_safetensors_with_index(tmp_path):

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sdjax.models.wan.transformer import WanTransformer3DModel, WanTransformerConfig
+from sdjax.models.wan.transformer import WanTransformer3DModel, WanTransformerConfig, rope_pair_permutation
 from sdjax.models.weights import SafetensorsDir, WeightsError, check_keys, read_config
 
 # Our module names differ from diffusers' in two places (torch ModuleList/Sequential indices).
@@ -90,13 +90,35 @@ def param_entries(abstract_model):
     return entries
 
 
-def _to_ours(arr: np.ndarray, leaf: str) -> np.ndarray:
-    """torch layout -> ours: Linear (out, in) -> (in, out); Conv3d (O, I, t, h, w) -> (t, h, w, I, O)."""
-    if leaf == "kernel":
-        if arr.ndim == 2:
-            return arr.T
-        if arr.ndim == 5:
-            return arr.transpose(2, 3, 4, 1, 0)
+# Self-attention q/k outputs whose columns hold RoPE pairs (reordered into halves, see `rope_pair_permutation`).
+_ROPE_PERMUTED = {("attn1", "to_q", "kernel"), ("attn1", "to_q", "bias"), ("attn1", "norm_q", "weight"),
+                  ("attn1", "to_k", "kernel"), ("attn1", "to_k", "bias"), ("attn1", "norm_k", "weight")}
+
+
+def to_our_layout(arr: np.ndarray, path: tuple, cfg: WanTransformerConfig) -> np.ndarray:
+    """One checkpoint tensor (torch layout, one layer) -> ours.
+
+    Linear (out, in) -> (in, out); Conv3d (O, I, t, h, w) -> (t, h, w, I, O); self-attention q/k columns in
+    RoPE-halves order. `from_our_layout` is the inverse (export)."""
+    leaf = str(path[-1])
+    if leaf == "kernel" and arr.ndim == 2:
+        arr = arr.T
+    elif leaf == "kernel" and arr.ndim == 5:
+        arr = arr.transpose(2, 3, 4, 1, 0)
+    if tuple(map(str, path[-3:])) in _ROPE_PERMUTED:
+        arr = arr[..., rope_pair_permutation(cfg.num_attention_heads, cfg.attention_head_dim)]
+    return arr
+
+
+def from_our_layout(arr: np.ndarray, path: tuple, cfg: WanTransformerConfig) -> np.ndarray:
+    """Inverse of `to_our_layout`: one layer's parameter in the checkpoint's (torch) layout."""
+    leaf = str(path[-1])
+    if tuple(map(str, path[-3:])) in _ROPE_PERMUTED:
+        arr = arr[..., np.argsort(rope_pair_permutation(cfg.num_attention_heads, cfg.attention_head_dim))]
+    if leaf == "kernel" and arr.ndim == 2:
+        arr = arr.T
+    elif leaf == "kernel" and arr.ndim == 5:
+        arr = arr.transpose(4, 3, 0, 1, 2)
     return arr
 
 
@@ -118,7 +140,7 @@ def load_weights_into(model: WanTransformer3DModel, directory: str | Path, shard
         want = tuple(var.shape[1:]) if stacked else tuple(var.shape)
         parts = []
         for k in keys:
-            arr = _to_ours(tensors[names[k]], str(path[-1]))
+            arr = to_our_layout(tensors[names[k]], path, model.config)
             if tuple(arr.shape) != want:
                 raise WeightsError(f"{directory}: tensor {names[k]!r} has shape {tuple(arr.shape)} "
                                    f"(in our layout), model expects {want}")

@@ -153,13 +153,23 @@ def rope_angles(grid: tuple[int, int, int], head_dim: int, theta: float) -> tupl
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
+def rope_pair_permutation(num_heads: int, head_dim: int) -> np.ndarray:
+    """Column order turning each head's interleaved RoPE pairs (2i, 2i+1) into halves (i, K/2 + i).
+
+    Loading applies it to the self-attention q/k projections (and their RMSNorm weights): one permutation of
+    both q and k within a head leaves every q·k unchanged, and rotating halves is two contiguous slices that
+    fuse with the RMSNorm, where interleaved pairs need a strided reshape that XLA fuses badly."""
+    per_head = np.concatenate([np.arange(0, head_dim, 2), np.arange(1, head_dim, 2)])
+    return (np.arange(num_heads)[:, None] * head_dim + per_head[None, :]).reshape(-1)
+
+
 def apply_rope(x, cos, sin):
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (B, L, N, K) by the angles (L, K/2), in fp32."""
-    x32 = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
-    x1, x2 = x32[..., 0], x32[..., 1]
+    """Rotate the pairs (x[i], x[K/2 + i]) of x (B, L, N, K) by the angles (L, K/2), in fp32.
+
+    The checkpoint's pairs are interleaved; loading reorders q/k columns into halves (`rope_pair_permutation`)."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     c, s = cos[None, :, None, :], sin[None, :, None, :]
-    out = jnp.stack([x1 * c - x2 * s, x1 * s + x2 * c], axis=-1)
-    return out.reshape(x.shape).astype(x.dtype)
+    return jnp.concatenate([x1 * c - x2 * s, x1 * s + x2 * c], axis=-1).astype(x.dtype)
 
 
 def timestep_sinusoid(t, dim):
