@@ -185,6 +185,19 @@ def main():
         frames = None if args.random_weights or warm else pipe.decode(z)
         return np.asarray(z), frames, stats, seconds, params
 
+    what = "random DiT weights (speed only)" if args.random_weights else "loaded weights"
+    name = args.name or ("cache_speed" if args.random_weights else "cache_quality")
+
+    def save(rows):
+        params = pipe.user_params(prompt=prompts[0], **kw)
+        header = (f"{pipe.config.name}, {what}, {args.dtype}, {params.width}x{params.height}x{params.num_frames}, "
+                  f"{params.num_inference_steps} steps {params.solver}, guidance {params.guidance_scale}, "
+                  f"{len(prompts)} prompt(s), seed {args.seed}; reference: policy none. evals_x = steps / steps "
+                  f"computed; blocks_x counts fbcache's block 0 on skipped steps. static: threshold = mean "
+                  f"interval between computed steps after a warm-up of ceil(N/10) steps. Build {build_s:.1f} s, "
+                  f"peak {peak_gib() or 0:.1f} GiB.")
+        write_results(name, rows, header)
+
     rows, reference = [], {}
     for policy, threshold in runs:
         run(policy, threshold, prompts[0], 0, warm=True)
@@ -207,21 +220,10 @@ def main():
                "denoise_s": float(np.mean([s for _, s, _ in per_prompt]))}
         for key in per_prompt[0][2]:
             row[key] = float(np.mean([q[key] for _, _, q in per_prompt]))
+        row["speedup"] = rows[0]["denoise_s"] / row["denoise_s"] if rows else 1.0
         rows.append(row)
         print(row, flush=True)
-    base = rows[0]["denoise_s"]
-    for row in rows:
-        row["speedup"] = base / row["denoise_s"]
-    params = pipe.user_params(prompt=prompts[0], **kw)
-    what = "random DiT weights (speed only)" if args.random_weights else "loaded weights"
-    header = (f"{pipe.config.name}, {what}, {args.dtype}, {params.width}x{params.height}x{params.num_frames}, "
-              f"{params.num_inference_steps} steps {params.solver}, guidance {params.guidance_scale}, "
-              f"{len(prompts)} prompt(s), seed {args.seed}; reference: policy none. evals_x = steps / steps "
-              f"computed; blocks_x counts fbcache's block 0 on skipped steps. static: threshold = mean interval "
-              f"between computed steps after a warm-up of ceil(N/10) steps. Build {build_s:.1f} s, "
-              f"peak {peak_gib() or 0:.1f} GiB.")
-    name = args.name or ("cache_speed" if args.random_weights else "cache_quality")
-    write_results(name, rows, header)
+        save(rows)  # after every policy: a run cut short keeps what it measured
 
 
 if __name__ == "__main__":
