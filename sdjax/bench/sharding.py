@@ -256,8 +256,10 @@ def _bench_dit_layout(cfg, lay: Layout, host_inputs, L, *, dtype, backend, iters
     return s, out, extra
 
 
-def bench_vae(vae_cfg: dict, device_counts: list[int], latent_shape, *, iters: int, log=print) -> list[dict]:
-    """VAE decode (fp32, random weights) on 1..n devices, split spatially; rel_l2 against one device."""
+def bench_vae(vae_cfg: dict, device_counts: list[int], latent_shape, *, iters: int, dtype: str = "float32",
+              log=print) -> list[dict]:
+    """VAE decode (random weights, in `dtype` as the pipeline runs it) on 1..n devices, split spatially; rel_l2
+    against one device."""
     import gc
 
     import jax
@@ -271,7 +273,7 @@ def bench_vae(vae_cfg: dict, device_counts: list[int], latent_shape, *, iters: i
     from sdjax.sharding import vae as pvae
 
     cfg = WanVAEConfig.from_dict(vae_cfg)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: AutoencoderKLWan(cfg, dtype=jnp.float32)))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: AutoencoderKLWan(cfg, dtype=jnp.dtype(dtype))))
     leaves, treedef = jax.tree.flatten(state)
     z = np.random.default_rng(2).standard_normal((1, cfg.z_dim, *latent_shape), dtype=np.float32)
     rows, ref, base = [], None, None
@@ -340,7 +342,8 @@ def parse_args(argv=None):
     p.add_argument("--shard-weights", action="store_true", help="split block weights over the devices (FSDP)")
     p.add_argument("--no-comm", action="store_true",
                    help="replace collectives by local no-ops (wrong results: compute time alone)")
-    p.add_argument("--vae", action="store_true", help="also time the VAE decode on 1, 2, 4, ... devices")
+    p.add_argument("--vae", action="store_true",
+                   help="also time the VAE decode (in --dtype, as the pipeline) on 1, 2, 4, ... devices")
     p.add_argument("--fake-devices", type=int, default=None, help="use N CPU devices (no GPU needed)")
     p.add_argument("--json", default=None, help="also write the rows to this file")
     return p.parse_args(argv)
@@ -373,7 +376,7 @@ def main(argv=None) -> int:
 
         vae_cfg = {} if args.model == "tiny" else ModelConfig.named(args.model).vae
         counts = sorted({lay.devices for lay in layouts})
-        vae_rows = bench_vae(vae_cfg, counts, shape, iters=args.iters)
+        vae_rows = bench_vae(vae_cfg, counts, shape, iters=args.iters, dtype=args.dtype)
         print(table(vae_rows))
     if args.json:
         with open(args.json, "w") as f:
