@@ -11,6 +11,7 @@ A scheduler (the service) drives the stages one by one: `user_params` → `encod
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import time
 from dataclasses import dataclass, field
@@ -20,7 +21,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax.config import CONFIG_DIR, ConfigError, ModelConfig, SystemConfig, UserParams
+from sdjax.config import (
+    CACHE_POLICIES,
+    CONFIG_DIR,
+    SOLVERS,
+    CacheParams,
+    ConfigError,
+    ModelConfig,
+    SystemConfig,
+    UserParams,
+)
 from sdjax.models.tokenizer import encode_prompts, load_tokenizer, prompt_clean, wan_text_context
 from sdjax.models.umt5 import load_text_encoder
 from sdjax.models.wan.loading import load_transformer
@@ -211,9 +221,18 @@ class Pipeline:
         return np.clip(frames / 2 + 0.5, 0.0, 1.0)
 
     def warmup(self, params: UserParams) -> None:
-        """Compile every stage for this request's shape (the service calls it at start-up)."""
+        """Compile every stage for this request's shape (the service calls it at start-up).
+
+        The denoise step is compiled once per solver and cache policy, the per-request choices that change the
+        program (thresholds are traced values), so no request pays a compile; the persistent compilation cache
+        makes this cheap after the first start."""
         params = dataclasses.replace(params, num_inference_steps=1)
-        self.decode(self.denoise(params, self.encode_text(params)))
+        text = self.encode_text(params)
+        latents = None
+        for solver, policy in itertools.product(SOLVERS, CACHE_POLICIES):
+            variant = dataclasses.replace(params, solver=solver, cache=CacheParams(policy, params.cache.threshold))
+            latents = self.denoise(variant, text)
+        self.decode(latents)
 
     # ------------------------------------------------------------------ one call
 

@@ -127,3 +127,17 @@ def test_steps_shift_and_guidance_change_without_recompiling(pipe):
     pipe("a cat", num_inference_steps=5, guidance_scale=7.5, flow_shift=8.0, **kw)
     pipe("a dog", num_inference_steps=3, guidance_scale=2.0, flow_shift=1.0, **kw)
     assert loop.denoise_step._cache_size() == compiled
+
+
+def test_warmup_compiles_every_solver_and_cache_policy(pipe):
+    """After `warmup` (what the service runs at start-up) no per-request choice compiles a new step."""
+    from sdjax.sampling import loop
+
+    kw = dict(height=32, width=16, num_frames=5, seed=2)  # a shape no other test uses
+    pipe.warmup(pipe.user_params(prompt="warm-up", **kw))
+    compiled = loop.denoise_step._cache_size()
+    for solver in ("unipc", "euler"):
+        for cache in ({"policy": "teacache", "threshold": 0.1}, {"policy": "fbcache", "threshold": 0.05},
+                      {"policy": "static", "threshold": 2}, {"policy": "none"}):
+            pipe("a cat", num_inference_steps=3, solver=solver, cache=cache, progress=False, **kw)
+    assert loop.denoise_step._cache_size() == compiled
