@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from sdjax.kernels import attention_table, flash_mgpu, flash_pallas
 from sdjax.kernels.splash import splash_attention
+from sdjax.numerics import matmul_precision
 
 BACKENDS = ("auto", "xla", "cudnn", "pallas", "pallas_mgpu", "pallas_triton", "splash")
 
@@ -57,16 +58,17 @@ def _xla_attention(q, k, v, kv_len, *, q_chunk: int = 2048):
     B, T, N, H = q.shape
     S = k.shape[1]
     scale = 1.0 / math.sqrt(H)
+    prec = matmul_precision(q.dtype)
     mask = None
     if kv_len is not None:
         mask = jnp.arange(S)[None, :] < kv_len[:, None]  # (B, S)
 
     def one_chunk(qc):  # qc: (B, C, N, H)
-        logits = jnp.einsum("bqnh,bknh->bnqk", qc, k, preferred_element_type=jnp.float32) * scale
+        logits = jnp.einsum("bqnh,bknh->bnqk", qc, k, preferred_element_type=jnp.float32, precision=prec) * scale
         if mask is not None:
             logits = jnp.where(mask[:, None, None, :], logits, -jnp.inf)
         p = jax.nn.softmax(logits, axis=-1)
-        return jnp.einsum("bnqk,bknh->bqnh", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return jnp.einsum("bnqk,bknh->bqnh", p.astype(v.dtype), v, preferred_element_type=jnp.float32, precision=prec)
 
     if T <= q_chunk:
         return one_chunk(q).astype(q.dtype)

@@ -24,7 +24,7 @@ activations and the residual stream are bf16, and these run in float32:
   - RMSNorm statistics and normalisation (cast to bf16 before the weight multiply, as transformers does);
   - matmul accumulation (`preferred_element_type`), rounded to bf16 once per matmul;
   - attention logits, position bias, mask and softmax (probabilities cast to bf16 for the value matmul).
-On GPUs, fp32 parity additionally needs `jax.default_matmul_precision("highest")` (no TF32).
+In float32 every matmul runs at full precision (`sdjax.numerics`: no TF32 on GPUs).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ import numpy as np
 from flax import nnx
 
 from sdjax.models.weights import SafetensorsDir, WeightsError, check_keys, fetch, read_config
+from sdjax.numerics import matmul_precision
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 FEED_FORWARD = ("gated-gelu", "relu")
@@ -142,7 +143,8 @@ def bucket_grid(length: int, num_buckets: int, max_distance: int) -> np.ndarray:
 
 def _dense(x: jax.Array, weight: jax.Array) -> jax.Array:
     """x @ weightᵀ with the torch (out, in) layout; fp32 accumulation, one rounding to x's dtype."""
-    return jnp.einsum("...i,oi->...o", x, weight, preferred_element_type=jnp.float32).astype(x.dtype)
+    return jnp.einsum("...i,oi->...o", x, weight, preferred_element_type=jnp.float32,
+                      precision=matmul_precision(x.dtype)).astype(x.dtype)
 
 
 class Linear(nnx.Module):
@@ -202,10 +204,12 @@ class UMT5Attention(nnx.Module):
         """x (B, L, D), bias (N, L, L) fp32, key_mask (B, L) bool (True = real key) -> (B, L, D)."""
         B, L, _ = x.shape
         q, k, v = (p(x).reshape(B, L, self.num_heads, self.d_kv) for p in (self.q, self.k, self.v))
-        logits = jnp.einsum("bqnh,bknh->bnqk", q, k, preferred_element_type=jnp.float32) + bias[None]
+        prec = matmul_precision(x.dtype)
+        logits = jnp.einsum("bqnh,bknh->bnqk", q, k, preferred_element_type=jnp.float32, precision=prec) + bias[None]
         logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bnqk,bknh->bqnh", probs, v, preferred_element_type=jnp.float32).astype(x.dtype)
+        out = jnp.einsum("bnqk,bknh->bqnh", probs, v, preferred_element_type=jnp.float32, precision=prec)
+        out = out.astype(x.dtype)
         return self.o(out.reshape(B, L, self.num_heads * self.d_kv))
 
 

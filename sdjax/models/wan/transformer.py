@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from sdjax.kernels.attention import attention
+from sdjax.numerics import matmul_precision
 
 # ------------------------------------------------------------------------------------------ config
 
@@ -90,14 +91,9 @@ FP32_PARAMS = ("condition_embedder.time_embedder", "condition_embedder.time_proj
                "norm2", "norm_q", "norm_k", "proj_out")
 
 
-def _precision(dtype):
-    # fp32 mode is the parity mode: no TF32 on GPUs.
-    return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
-
-
 def _linear(d_in, d_out, dtype, rngs, *, fp32=False):
     dt = jnp.float32 if fp32 else dtype
-    return nnx.Linear(d_in, d_out, dtype=dt, param_dtype=dt, precision=_precision(dt), rngs=rngs)
+    return nnx.Linear(d_in, d_out, dtype=dt, param_dtype=dt, precision=matmul_precision(dt), rngs=rngs)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -199,7 +195,7 @@ class PatchEmbedding(nnx.Module):
         pt, ph, pw = self.patch_size
         x = latents.astype(self.dtype).reshape(B, C, F // pt, pt, H // ph, ph, W // pw, pw)
         x = x.transpose(0, 2, 4, 6, 3, 5, 7, 1)  # (B, F', H', W', pt, ph, pw, C)
-        y = jnp.einsum("bfuvthwc,thwcd->bfuvd", x, self.kernel[...], precision=_precision(self.dtype))
+        y = jnp.einsum("bfuvthwc,thwcd->bfuvd", x, self.kernel[...], precision=matmul_precision(self.dtype))
         return (y + self.bias[...]).reshape(B, -1, y.shape[-1])
 
 

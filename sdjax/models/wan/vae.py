@@ -29,6 +29,7 @@ from flax import nnx
 
 from sdjax.kernels.attention import attention
 from sdjax.models.weights import SafetensorsDir, WeightsError, check_keys, fetch, read_config
+from sdjax.numerics import matmul_precision
 
 WAN21_LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
                       0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
@@ -159,12 +160,6 @@ class History:
 
 # ------------------------------------------------------------------------------------------ layers
 
-def _precision(x):
-    # fp32 is the parity mode: no TF32 on GPUs. bf16 convs take the default (bf16 output, bias added in
-    # bf16, as torch does).
-    return jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
-
-
 class CausalConv3d(nnx.Module):
     """diffusers `WanCausalConv3d`: symmetric spatial zero padding, all 2·p_t temporal padding in the past.
 
@@ -189,7 +184,7 @@ class CausalConv3d(nnx.Module):
             return jnp.zeros((x.shape[0], 0, *x.shape[2:4], w.shape[-1]), x.dtype)
         y = jax.lax.conv_general_dilated(
             x, w, self.stride, ((0, 0), *self.spatial_padding),
-            dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), precision=_precision(x))
+            dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), precision=matmul_precision(x.dtype))
         return y + self.bias[...]
 
 
@@ -206,7 +201,7 @@ class Conv2d(nnx.Module):
         """x (N, H, W, I) -> (N, H', W', O)."""
         y = jax.lax.conv_general_dilated(
             x, self.weight[...], self.stride, self.padding,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=_precision(x))
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=matmul_precision(x.dtype))
         return y + self.bias[...]
 
 
