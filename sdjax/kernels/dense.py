@@ -1,0 +1,48 @@
+"""gelu_tanh(x @ w + b), the first layer of a transformer FFN: one entry point, backends behind it.
+
+| backend       | platform           | what                                                                 |
+|---------------|--------------------|----------------------------------------------------------------------|
+| `xla`         | any                | the GEMM (cuBLAS on GPUs), then bias + GELU as one XLA fusion: a     |
+|               |                    | second pass over the (tokens × ffn_dim) hidden state                 |
+| `pallas_mgpu` | GPU sm_90 (Hopper) | ours: bias + GELU in the GEMM's epilogue (`gelu_dense_mgpu.py`)      |
+| `auto`        |                    | `pallas_mgpu` where it runs (measured faster on Wan's FFN shapes:    |
+|               |                    | benchmarks/NOTES.md), else `xla`                                     |
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from sdjax.kernels import gelu_dense_mgpu
+from sdjax.numerics import matmul_precision
+
+BACKENDS = ("auto", "xla", "pallas_mgpu")
+
+
+def _xla(x, w, b):
+    y = jnp.einsum("...i,io->...o", x, w, precision=matmul_precision(x.dtype)) + b.astype(x.dtype)
+    return jax.nn.gelu(y, approximate=True)
+
+
+def unsupported_reason(backend: str, x, w) -> str | None:
+    """Why `backend` can't run x @ w here (None if it can)."""
+    if backend == "xla":
+        return None
+    if backend == "pallas_mgpu":
+        dev = jax.devices()[0]
+        if dev.platform != "gpu" or not str(getattr(dev, "compute_capability", "")).startswith("9."):
+            return f"needs an sm_90 (Hopper) GPU, got {dev.device_kind}"
+        return gelu_dense_mgpu.unsupported_reason(x, w)
+    raise ValueError(f"gelu_dense backend {backend!r} unknown; allowed: {', '.join(BACKENDS)}")
+
+
+def gelu_dense(x, w, b, *, backend: str = "auto"):
+    """gelu_tanh(x @ w + b): x (..., K), w (K, N), b (N,) -> (..., N) in x's dtype."""
+    if x.shape[-1] != w.shape[0] or b.shape != (w.shape[1],):
+        raise ValueError(f"gelu_dense: incompatible shapes x{x.shape} w{w.shape} b{b.shape}")
+    if backend == "auto":
+        backend = "pallas_mgpu" if unsupported_reason("pallas_mgpu", x, w) is None else "xla"
+    elif (reason := unsupported_reason(backend, x, w)) is not None:
+        raise ValueError(f"gelu_dense backend {backend!r} {reason}")
+    return gelu_dense_mgpu.gelu_dense_mgpu(x, w, b) if backend == "pallas_mgpu" else _xla(x, w, b)
