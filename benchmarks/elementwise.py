@@ -4,8 +4,9 @@
 
 At Wan-1.3B 480p (L=32,760, D=1,536, 12×128, FFN 8,960, bf16), one layer's worth of:
 - the attention prologue — q/k RMSNorm across heads + RoPE, the bound of fusing it into the attention kernel —
-  with RoPE pairs interleaved (the checkpoint's column order), as halves sliced and concatenated, and as halves
-  swapped by a flip of a size-2 axis (no concatenate);
+  with RoPE pairs interleaved (the checkpoint's column order), as halves sliced and concatenated, as halves
+  swapped by a flip of a size-2 axis (no concatenate), and (the model's form) rotating x⊙w before the RMS
+  scale so that one pass does both and rounds once;
 - the FFN's fc1 bias + tanh-GELU pass over the 32,760 × 8,960 hidden state, in bf16, in fp32, and as the
   identical x·sigmoid(2u) form.
 Each row: ms, GB/s against the minimum traffic (read the inputs and write the outputs once), ms × 30 layers.
@@ -65,6 +66,9 @@ def main():
         fn = lambda q, k, rope=rope: (rope(norm_q(q).reshape(1, L, N, K), cos, sin),
                                       rope(norm_k(k).reshape(1, L, N, K), cos, sin))
         rows.append(row(f"q/k RMSNorm + RoPE, {what}", fn, q, k, min_bytes=4 * L * D * 2))
+    fn = lambda q, k: (norm_q(q, (cos, sin), N), norm_k(k, (cos, sin), N))  # the model's form
+    rows.append(row("q/k RMSNorm + RoPE, halves, scale after the rotation (one rounding)", fn, q, k,
+                    min_bytes=4 * L * D * 2))
 
     h = jax.random.normal(jax.random.key(2), (L, F), jnp.bfloat16)
     bias = jax.random.normal(jax.random.key(3), (F,), jnp.bfloat16)
