@@ -48,7 +48,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-POLICIES = ("none", "teacache", "fbcache", "static")
+from sdjax.config import CACHE_POLICIES
+
+POLICIES = CACHE_POLICIES  # the user-param list (sdjax.config) is the one list
 TEACACHE_VARIANTS = ("default", "ret_steps")
 
 # TeaCache rescale polynomials for Wan2.1 T2V (highest power first), from ali-vilab/TeaCache

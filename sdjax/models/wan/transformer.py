@@ -128,8 +128,8 @@ class RMSNorm(nnx.Module):
 
     def __call__(self, x, rope=None, heads: int = 1):
         """RMSNorm; with `rope` = (cos, sin) also RoPE on its `heads` heads -> (..., heads, K). The per-token RMS
-        scale commutes with the rotation, so x⊙w is rotated, then scaled, and rounded once: one fused pass where
-        norm-then-rotate takes two (0.35 → 0.28 ms a layer for q and k, H200; benchmarks/elementwise.py)."""
+        scale commutes with the rotation, so x⊙w is rotated, then scaled, and rounded to x's dtype once (one
+        fused pass; norm-then-rotate rounds twice and takes two: benchmarks/NOTES.md)."""
         x32 = x.astype(jnp.float32)
         scale = jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps)
         y = x32 * self.weight[...]
