@@ -6,6 +6,7 @@ Keys (under `prefix`):
   tenants         zset tenant -> last served time    leases         zset id -> lease expiry
   jobs:{t}:{kind} zset id -> seq (listing)           idem:{t}:{key} JSON {id, hash}
   result:{id}     artefact bytes (the results store every replica sees)
+  ended           zset id -> finished_at (ended jobs, for retention)
   kv:{key}, ctr:{key}, workers (zset id -> last seen), worker:{id}
 
 Every change is an optimistic transaction (WATCH the job key, read, apply the shared transition, MULTI/EXEC),
@@ -49,6 +50,8 @@ class RedisStore(S.JobStore):
             pipe.zadd(self._k("leases"), {new.id: new.lease_expires})
         else:
             pipe.zrem(self._k("leases"), new.id)
+        if new.terminal:
+            pipe.zadd(self._k("ended"), {new.id: new.finished_at})
 
     def _update(self, job_id: str, move, extra=None) -> Job | None:
         key = self._k("job", job_id)
@@ -169,6 +172,23 @@ class RedisStore(S.JobStore):
         job = self._update(job_id, lambda j: S.t_complete(j, token, time.time(), result, fields), extra=put)
         Path(artefact).unlink(missing_ok=True)
         return job
+
+    def purge(self, ended_before):
+        purged = []
+        for job_id in (i.decode() for i in self.r.zrangebyscore(self._k("ended"), "-inf", f"({ended_before}")):
+            job = self.get(job_id)  # ended jobs never change again: no WATCH needed
+            pipe = self.r.pipeline()
+            pipe.delete(self._k("job", job_id), self._k("result", job_id))
+            pipe.zrem(self._k("ended"), job_id)
+            if job is not None:
+                pipe.zrem(self._k("jobs", job.tenant, job.kind), job_id)
+                if job.idempotency_key:
+                    pipe.delete(self._k("idem", job.tenant, job.idempotency_key))
+            pipe.execute()
+            if job is not None and job.result:
+                (self.cache / job.result["filename"]).unlink(missing_ok=True)
+            purged.append(job_id)
+        return purged
 
     def reap(self, max_attempts):
         now = time.time()

@@ -34,6 +34,7 @@ log = logging.getLogger("sdjax.serve.worker")
 CANCEL_POLL_S = 0.25  # how often a running job re-reads its cancel flag from a shared store
 PROGRESS_WRITE_S = 0.1  # progress is written at most this often (and always on the last step)
 RELOAD_POLL_S = 1.0  # how often a worker looks for a reload request in the store
+PURGE_EVERY_S = 60.0  # how often a worker deletes jobs past --result-ttl (ttl / 4 when shorter)
 FRONT_STAGES = ("leased", "encode", "wait_denoise", "denoise")
 
 
@@ -98,6 +99,7 @@ class Worker:
         self._stopping = threading.Event()
         self._reload_seen = 0
         self._next_reload_check = 0.0
+        self._next_purge = 0.0
         self._reload_thread: threading.Thread | None = None
         self._tmp = settings.data_path / "tmp"
         self._queues = {name: queue.Queue() for name in ("encode", "denoise", "decode")}
@@ -318,6 +320,11 @@ class Worker:
                 for job_id in self.store.reap(self.settings.max_attempts):
                     self.metrics.requeued.inc()
                     log.warning("lease expired; job requeued", extra={"job_id": job_id, "worker": self.id})
+                ttl = self.settings.result_ttl_s
+                if ttl > 0 and time.monotonic() >= self._next_purge:
+                    self._next_purge = time.monotonic() + min(PURGE_EVERY_S, ttl / 4)
+                    for job_id in self.store.purge(time.time() - ttl):
+                        log.info("ended job purged (--result-ttl)", extra={"job_id": job_id})
             except Exception:
                 log.exception("store error in heartbeat", extra={"worker": self.id})
 

@@ -89,6 +89,7 @@ class Video(BaseModel):
     timings: dict[str, float]
     result: dict | None = Field(None, description="content_type, bytes, sha256 of the artefact once completed")
     error: JobError | None = None
+    expires_at: int | None = Field(None, description="when the ended job and its result are deleted (--result-ttl)")
 
 
 class VideoList(BaseModel):

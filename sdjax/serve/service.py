@@ -200,7 +200,7 @@ class Service:
 
     # ------------------------------------------------------------------------------ views
     def video_view(self, job: S.Job) -> dict:
-        p = job.params
+        p, ttl = job.params, self.settings.result_ttl_s
         result = {k: v for k, v in (job.result or {}).items() if k != "filename"} or None
         return {
             "id": job.id, "object": "video", "status": job.status, "progress": job.progress, "stage": job.stage,
@@ -213,6 +213,7 @@ class Service:
             "cache": p["cache"], "steps_done": job.steps_done, "steps_total": job.steps_total,
             "queue_position": self.store.queue_position(job), "attempts": job.attempts,
             "cancel_requested": job.cancel_requested, "timings": job.timings, "result": result, "error": job.error,
+            "expires_at": _ts(job.finished_at + ttl) if ttl and job.terminal else None,
         }
 
     def model_cards(self) -> list[dict]:

@@ -95,6 +95,7 @@ class Settings:
     max_attempts: int = 3
     drain_timeout_s: float = 600.0
     image_timeout_s: float = 300.0
+    result_ttl_s: float = 0.0  # delete ended jobs and their results this long after they end; 0 = keep
     # logging
     log_level: str = "info"
     log_format: str = "json"
@@ -172,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--drain-timeout", dest="drain_timeout_s", type=float, default=600.0,
                    help="on SIGTERM, wait this long for running jobs, then hand them back to the queue")
     g.add_argument("--image-timeout", dest="image_timeout_s", type=float, default=300.0)
+    g.add_argument("--result-ttl", dest="result_ttl_s", type=float, default=0.0,
+                   help="seconds after a job ends until it and its result are deleted (0 = keep them)")
     g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     g.add_argument("--log-format", default="json", choices=("json", "text"))
     return p
@@ -198,6 +201,8 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if a.lease_seconds <= 0 or a.poll_seconds <= 0:
         parser.error("--lease-seconds and --poll-seconds must be > 0")
+    if a.result_ttl_s < 0:
+        parser.error("--result-ttl must be >= 0 (0 = keep results)")
     worker_id = a.worker_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
     return Settings(
         model=a.model, dtype=a.dtype, attention_backend=a.attention_backend, cfg_parallel=a.cfg_parallel,
@@ -211,6 +216,6 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         max_prompt_chars=a.max_prompt_chars, max_body_bytes=a.max_body_bytes, retry_after_s=a.retry_after_s,
         overlap_stages=a.overlap_stages, prefetch_at=a.prefetch_at, lease_seconds=a.lease_seconds,
         heartbeat_seconds=a.heartbeat_seconds, poll_seconds=a.poll_seconds, max_attempts=a.max_attempts,
-        drain_timeout_s=a.drain_timeout_s, image_timeout_s=a.image_timeout_s,
+        drain_timeout_s=a.drain_timeout_s, image_timeout_s=a.image_timeout_s, result_ttl_s=a.result_ttl_s,
         log_level=a.log_level, log_format=a.log_format,
     )

@@ -160,6 +160,20 @@ class SqliteStore(S.JobStore):
 
         return self._update(job_id, lambda j: S.t_complete(j, token, time.time(), result, fields), on_save=place)
 
+    def purge(self, ended_before):
+        marks = ",".join("?" * len(S.TERMINAL))
+        with self._tx() as db:
+            rows = db.execute(f"SELECT doc FROM jobs WHERE status IN ({marks}) AND "
+                              "json_extract(doc, '$.finished_at') < ?", (*S.TERMINAL, ended_before)).fetchall()
+            jobs = [Job.from_json(r[0]) for r in rows]
+            for j in jobs:
+                db.execute("DELETE FROM jobs WHERE id=?", (j.id,))
+                db.execute("DELETE FROM idem WHERE job_id=?", (j.id,))
+        for j in jobs:  # after the commit: a crash in between leaves a file without a job, never the reverse
+            if j.result:
+                (self.results / j.result["filename"]).unlink(missing_ok=True)
+        return [j.id for j in jobs]
+
     def reap(self, max_attempts):
         now = time.time()
         ids = [r[0] for r in self._read("SELECT id FROM jobs WHERE status=? AND lease_expires<=?",

@@ -225,6 +225,11 @@ class JobStore(ABC):
         return self._update(job_id, lambda j: t_release(j, token))
 
     @abstractmethod
+    def purge(self, ended_before: float) -> list[str]:
+        """Delete the jobs that ended (completed, failed, cancelled) before `ended_before`, with their results and
+        idempotency keys; returns their ids (retention: `--result-ttl`)."""
+
+    @abstractmethod
     def reap(self, max_attempts: int) -> list[str]:
         """Requeue (or fail) jobs whose lease expired; returns their ids."""
 

@@ -252,3 +252,19 @@ def test_load_benchmark(server):
     report = json.loads(out.stdout)
     assert report["all_completed"] and report["completed"] == 6
     assert 0 < report["p50_s"] <= report["p95_s"] and report["throughput_jobs_per_s"] > 0
+
+
+def test_result_ttl_deletes_ended_jobs_and_says_when(tmp_path):
+    s = Server(tmp_path / "data", "--result-ttl", "1", "--lease-seconds", "2", step_seconds=0.01, name="ttl")
+    s.start()
+    try:
+        with s.client(KEYS["alice"]) as c:
+            job = create_video(c, num_inference_steps=2)
+            assert job["expires_at"] is None  # not ended yet
+            done = wait_status(c, job["id"])
+            assert done["status"] == "completed" and done["expires_at"] == done["completed_at"] + 1
+            wait_until(lambda: c.get(f"/v1/videos/{job['id']}").status_code == 404, 15, "the job to be purged")
+            assert c.get(f"/v1/videos/{job['id']}/content").status_code == 404
+            assert job["id"] not in [v["id"] for v in c.get("/v1/videos").json()["data"]]
+    finally:
+        s.stop()

@@ -142,3 +142,25 @@ def test_shared_state(store):
     store.worker_seen("w1", {"state": "ready"})
     assert store.workers(within_s=5) == {"w1": {"state": "ready"}}
     assert store.ping()
+
+
+def test_purge_deletes_ended_jobs_with_results_and_idempotency_keys(store, tmp_path):
+    done = store.create(job(key="k1"), limit=10)[0]
+    leased = store.lease("w", ttl=30)
+    store.complete(done.id, leased.lease_token, artefact(tmp_path, b"video"), {**RESULT, "filename": done.id + ".mp4"})
+    result = store.result_path(store.get(done.id))
+    cancelled = store.create(job(), limit=10)[0]
+    store.cancel(cancelled.id)
+    waiting = store.create(job(), limit=10)[0]
+
+    assert store.purge(ended_before=time.time() - 60) == []  # nothing ended that long ago
+    assert store.get(done.id).status == S.COMPLETED and result.is_file()
+
+    assert sorted(store.purge(ended_before=time.time() + 1)) == sorted([done.id, cancelled.id])
+    assert store.get(done.id) is None and store.get(cancelled.id) is None and not result.exists()
+    assert store.get(waiting.id).status == S.QUEUED  # a job that has not ended is never purged
+    listed, _ = store.list("alice", "video", limit=10, after=None, descending=False)
+    assert [j.id for j in listed] == [waiting.id]
+    again, created = store.create(job(key="k1"), limit=10)  # the key went with its job
+    assert created and again.id != done.id
+    assert store.purge(ended_before=time.time() + 1) == []
