@@ -168,9 +168,11 @@ def read_transformer_config(directory: str | Path) -> WanTransformerConfig:
         raise WeightsError(f"{Path(directory) / 'config.json'}: {e}") from None
 
 
-def abstract_transformer(cfg: WanTransformerConfig, dtype: str, attention_backend: str = "auto"):
+def abstract_transformer(cfg: WanTransformerConfig, dtype: str, attention_backend: str = "auto",
+                         ffn_backend: str = "auto"):
+    """The model without memory (`nnx.eval_shape`); `ffn_backend` picks the FFN's fc1 + GELU kernel (benchmarks)."""
     return nnx.eval_shape(lambda: WanTransformer3DModel(cfg, dtype=dtype, attention_backend=attention_backend,
-                                                        rngs=nnx.Rngs(0)))
+                                                        ffn_backend=ffn_backend, rngs=nnx.Rngs(0)))
 
 
 def load_transformer(path: str | Path, dtype: str = "float32", *, attention_backend: str = "auto",

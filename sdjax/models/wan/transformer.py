@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from sdjax.kernels.attention import attention
+from sdjax.kernels.dense import gelu_dense
 from sdjax.numerics import matmul_precision
 
 # ------------------------------------------------------------------------------------------ config
@@ -272,12 +273,15 @@ class Attention(nnx.Module):
 
 
 class FeedForward(nnx.Module):
-    def __init__(self, dim, ffn_dim, dtype, rngs):
+    """fc2(gelu_tanh(fc1(x))); fc1's bias + GELU run in its GEMM's epilogue where a kernel for it exists."""
+
+    def __init__(self, dim, ffn_dim, dtype, rngs, backend: str = "auto"):
         self.fc1 = _linear(dim, ffn_dim, dtype, rngs)
         self.fc2 = _linear(ffn_dim, dim, dtype, rngs)
+        self.backend = backend
 
     def __call__(self, x):
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+        return self.fc2(gelu_dense(x, self.fc1.kernel[...], self.fc1.bias[...], backend=self.backend))
 
 
 # ------------------------------------------------------------------------------------------ block
@@ -286,13 +290,13 @@ class FeedForward(nnx.Module):
 class WanBlock(nnx.Module):
     """Self-attention (modulated, gated) → cross-attention to text → FFN (modulated, gated)."""
 
-    def __init__(self, cfg: WanTransformerConfig, dtype, attention_backend: str, rngs):
+    def __init__(self, cfg: WanTransformerConfig, dtype, attention_backend: str, rngs, ffn_backend: str = "auto"):
         self.eps = cfg.eps
         self.dtype = dtype
         self.attn1 = Attention(cfg, dtype, attention_backend, rngs)
         self.norm2 = LayerNorm(cfg.dim, cfg.eps)
         self.attn2 = Attention(cfg, dtype, attention_backend, rngs)
-        self.ffn = FeedForward(cfg.dim, cfg.ffn_dim, dtype, rngs)
+        self.ffn = FeedForward(cfg.dim, cfg.ffn_dim, dtype, rngs, ffn_backend)
         self.scale_shift_table = nnx.Param(
             jax.random.normal(rngs.params(), (1, 6, cfg.dim), jnp.float32) / math.sqrt(cfg.dim))
 
@@ -336,7 +340,7 @@ class WanTransformer3DModel(nnx.Module):
     """`model(latents (B, C, F, H, W), timestep (B,), context (B, S, text_dim)) -> (B, C, F, H, W)`."""
 
     def __init__(self, cfg: WanTransformerConfig, *, dtype: str = "float32", attention_backend: str = "auto",
-                 rngs: nnx.Rngs):
+                 ffn_backend: str = "auto", rngs: nnx.Rngs):
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r} is not allowed: one of {', '.join(DTYPES)}")
         self.config = cfg
@@ -347,7 +351,7 @@ class WanTransformer3DModel(nnx.Module):
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def stacked_blocks(r):
-            return WanBlock(cfg, dt, attention_backend, r)
+            return WanBlock(cfg, dt, attention_backend, r, ffn_backend)
 
         self.blocks = stacked_blocks(rngs)  # every param has a leading (num_layers,) axis
         self.scale_shift_table = nnx.Param(
