@@ -21,7 +21,8 @@ written past the end of o, so nothing is padded in memory (except token counts t
 8, or fewer keys than `stages` blocks: tiny copies); only the last key block is masked (keys at or past
 kv_end = min(kv_len[b], S)), and key blocks wholly past kv_end are never loaded.
 
-Not CPU-runnable (Mosaic GPU has no interpreter for wgmma); CI checks that it lowers for CUDA, and
+Not CPU-runnable: Pallas's GPU interpreter (which runs our GEMM kernel, gelu_dense_mgpu.py) does not yet
+interpret this kernel's accumulator-from-registers steps; CI checks that it lowers for CUDA, and
 `benchmarks/attention.py` checks it against cuDNN and a float64 reference on the GPU.
 """
 

@@ -1,6 +1,6 @@
 """Our accelerator kernels lower for their targets on a CPU-only machine.
 
-Mosaic GPU has no CPU interpreter for wgmma, so the Hopper kernel's numbers are only checked on a GPU
+Pallas's GPU interpreter cannot run the Hopper attention kernel yet, so its numbers are only checked on a GPU
 (benchmarks/attention.py); here CI at least builds its Mosaic GPU module (all Pallas-level lowering:
 layouts, barriers, TMA slices) for both schedules, ragged lengths and kv_len, and the Triton and Mosaic
 TPU modules of the portable kernels. Final compilation (ptxas / libtpu) needs the device.
