@@ -53,6 +53,24 @@ def timed(fn, *args, warmup: int = 2, iters: int = 5) -> list[float]:
     return out
 
 
+def timed_torch(fn, *, warmup: int = 2, iters: int = 5) -> list[float]:
+    """Seconds per call of a torch CUDA function (no autograd; synchronised around each call), after warm-up:
+    the diffusers side of a comparison, timed like `timed`."""
+    import torch
+
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn()
+        torch.cuda.synchronize()
+        out = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            out.append(time.perf_counter() - t0)
+    return out
+
+
 def peak_gib() -> float | None:
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")

@@ -9,6 +9,7 @@ Reports ms per forward, the ratio to diffusers (eager), model FLOP utilisation a
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 import time
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import peak_gib, random_like, timed, write_results
+from benchmarks.common import peak_gib, random_like, timed, timed_torch, write_results
 from sdjax.config import ModelConfig
 from sdjax.models.wan.loading import abstract_transformer
 from sdjax.models.wan.transformer import WanTransformerConfig
@@ -74,16 +75,7 @@ def bench_diffusers(cfg, shape, B):
     t = torch.full((B,), 500, device="cuda")
     ctx = torch.randn(B, TEXT_LEN, cfg.text_dim, device="cuda", dtype=torch.bfloat16)
     torch.cuda.reset_peak_memory_stats()
-    with torch.no_grad():
-        for _ in range(2):
-            model(x, t, ctx, return_dict=False)
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            model(x, t, ctx, return_dict=False)
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
+    times = timed_torch(functools.partial(model, x, t, ctx, return_dict=False), warmup=2, iters=5)
     peak = torch.cuda.max_memory_allocated() / 2**30
     del model
     torch.cuda.empty_cache()

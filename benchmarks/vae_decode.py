@@ -8,6 +8,7 @@ Random weights (real architecture), 81 frames (21 latent frames). Reports second
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import time
 
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.common import random_like, timed, write_results
+from benchmarks.common import random_like, timed, timed_torch, write_results
 from sdjax.config import ModelConfig
 from sdjax.models.wan.vae import AutoencoderKLWan, WanVAEConfig
 
@@ -48,15 +49,7 @@ def bench_diffusers(cfg, h, w, dtype):
     vae = vae.to(tdtype).eval()
     z = torch.randn(1, cfg.z_dim, 21, h // 8, w // 8, device="cuda", dtype=tdtype)
     torch.cuda.reset_peak_memory_stats()
-    times = []
-    with torch.no_grad():
-        for i in range(3):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            vae.decode(z)
-            torch.cuda.synchronize()
-            if i:
-                times.append(time.perf_counter() - t0)
+    times = timed_torch(functools.partial(vae.decode, z), warmup=1, iters=2)
     peak = torch.cuda.max_memory_allocated() / 2**30
     del vae
     torch.cuda.empty_cache()
