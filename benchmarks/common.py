@@ -53,11 +53,12 @@ def timed(fn, *args, warmup: int = 2, iters: int = 5) -> list[float]:
     return out
 
 
-def timed_torch(fn, *, warmup: int = 2, iters: int = 5) -> list[float]:
-    """Seconds per call of a torch CUDA function (no autograd; synchronised around each call), after warm-up:
-    the diffusers side of a comparison, timed like `timed`."""
+def torch_timing(fn, *, warmup: int = 2, iters: int = 5) -> tuple[float, float]:
+    """(median seconds per call, peak GiB allocated) of a torch CUDA function, without autograd, synchronised
+    around each call after warm-up: the diffusers side of a comparison, timed like `timed`."""
     import torch
 
+    torch.cuda.reset_peak_memory_stats()
     with torch.no_grad():
         for _ in range(warmup):
             fn()
@@ -68,7 +69,7 @@ def timed_torch(fn, *, warmup: int = 2, iters: int = 5) -> list[float]:
             fn()
             torch.cuda.synchronize()
             out.append(time.perf_counter() - t0)
-    return out
+    return float(np.median(out)), torch.cuda.max_memory_allocated() / 2**30
 
 
 def peak_gib() -> float | None:

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import peak_gib, random_like, timed, timed_torch, write_results
+from benchmarks.common import peak_gib, random_like, timed, torch_timing, write_results
 from sdjax.config import ModelConfig
 from sdjax.models.wan.loading import abstract_transformer
 from sdjax.models.wan.transformer import WanTransformerConfig
@@ -74,12 +74,10 @@ def bench_diffusers(cfg, shape, B):
     x = torch.randn(B, 16, *shape, device="cuda", dtype=torch.bfloat16)
     t = torch.full((B,), 500, device="cuda")
     ctx = torch.randn(B, TEXT_LEN, cfg.text_dim, device="cuda", dtype=torch.bfloat16)
-    torch.cuda.reset_peak_memory_stats()
-    times = timed_torch(functools.partial(model, x, t, ctx, return_dict=False), warmup=2, iters=5)
-    peak = torch.cuda.max_memory_allocated() / 2**30
+    seconds, peak = torch_timing(functools.partial(model, x, t, ctx, return_dict=False), warmup=2, iters=5)
     del model
     torch.cuda.empty_cache()
-    return float(np.median(times)), peak
+    return seconds, peak
 
 
 def main():

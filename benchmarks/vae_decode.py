@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.common import random_like, timed, timed_torch, write_results
+from benchmarks.common import random_like, timed, torch_timing, write_results
 from sdjax.config import ModelConfig
 from sdjax.models.wan.vae import AutoencoderKLWan, WanVAEConfig
 
@@ -48,12 +48,10 @@ def bench_diffusers(cfg, h, w, dtype):
                        num_res_blocks=cfg.num_res_blocks, temperal_downsample=list(cfg.temperal_downsample))
     vae = vae.to(tdtype).eval()
     z = torch.randn(1, cfg.z_dim, 21, h // 8, w // 8, device="cuda", dtype=tdtype)
-    torch.cuda.reset_peak_memory_stats()
-    times = timed_torch(functools.partial(vae.decode, z), warmup=1, iters=2)
-    peak = torch.cuda.max_memory_allocated() / 2**30
+    seconds, peak = torch_timing(functools.partial(vae.decode, z), warmup=1, iters=2)
     del vae
     torch.cuda.empty_cache()
-    return float(np.median(times)), peak
+    return seconds, peak
 
 
 def main():
