@@ -8,7 +8,10 @@ At Wan-1.3B 480p (L=32,760, D=1,536, 12×128, FFN 8,960, bf16), one layer's wort
   swapped by a flip of a size-2 axis (no concatenate), and (the model's form) rotating x⊙w before the RMS
   scale so that one pass does both and rounds once;
 - the FFN's fc1 bias + tanh-GELU pass over the 32,760 × 8,960 hidden state, in bf16, in fp32, and as the
-  identical x·sigmoid(2u) form.
+  identical x·sigmoid(2u) form;
+- a gated residual add into the fp32 stream followed by the next modulated LayerNorm (three per block), with
+  the model's two-pass statistics and with one-pass statistics (E[x²] − E[x]², one reduction kernel), next to
+  a plain fp32 scale of the stream (the copy rate this timing method reaches).
 Each row: ms, GB/s against the minimum traffic (read the inputs and write the outputs once), ms × 30 layers.
 """
 
@@ -19,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import timed, write_results
-from sdjax.models.wan.transformer import RMSNorm, apply_rope, rope_angles
+from sdjax.models.wan.transformer import RMSNorm, apply_rope, layer_norm, rope_angles
 
 L, D, N, K, F = 32760, 1536, 12, 128, 8960
 
@@ -50,6 +53,20 @@ def gelu_sigmoid_fp32(x):
     return (x32 * jax.nn.sigmoid(1.5957691216057308 * (x32 + 0.044715 * x32 * x32 * x32))).astype(x.dtype)
 
 
+def residual_layer_norm(x, delta, gate, scale, shift, eps=1e-6):
+    """The model's form: x += delta·gate (fp32 stream), u = LayerNorm(x)·(1 + scale) + shift in bf16."""
+    x = x + delta.astype(jnp.float32) * gate
+    return x, (layer_norm(x, eps) * (1 + scale) + shift).astype(jnp.bfloat16)
+
+
+def residual_layer_norm_one_pass(x, delta, gate, scale, shift, eps=1e-6):
+    """Same, with the mean and mean square in one reduction: var = E[x²] − E[x]²."""
+    x = x + delta.astype(jnp.float32) * gate
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.maximum(jnp.square(x).mean(-1, keepdims=True) - jnp.square(mean), 0.0)
+    return x, ((x - mean) * jax.lax.rsqrt(var + eps) * (1 + scale) + shift).astype(jnp.bfloat16)
+
+
 def row(what, fn, *args, min_bytes):
     ms = float(np.median(timed(jax.jit(fn), *args, warmup=3, iters=20))) * 1e3
     return {"what": what, "ms": ms, "GB_per_s_vs_min_bytes": min_bytes / ms / 1e6, "x30_layers_ms": 30 * ms}
@@ -75,6 +92,15 @@ def main():
     for what, gelu in (("bf16 (jax.nn.gelu)", lambda x: jax.nn.gelu(x, approximate=True)),
                        ("fp32 tanh", gelu_tanh_fp32), ("fp32 x·sigmoid(2u)", gelu_sigmoid_fp32)):
         rows.append(row(f"fc1 bias + GELU, {what}", lambda h, b, g=gelu: g(h + b), h, bias, min_bytes=2 * L * F * 2))
+
+    x = jax.random.normal(jax.random.key(4), (1, L, D), jnp.float32)
+    delta = jax.random.normal(jax.random.key(5), (1, L, D), jnp.bfloat16)
+    gate, scale, shift = (0.1 * jax.random.normal(jax.random.key(6 + i), (1, 1, D), jnp.float32) for i in range(3))
+    rows.append(row("fp32 stream ×2 (copy rate reference)", lambda x: 2 * x, x, min_bytes=2 * L * D * 4))
+    for what, fn in (("two-pass statistics (the model's)", residual_layer_norm),
+                     ("one-pass statistics", residual_layer_norm_one_pass)):
+        rows.append(row(f"residual + gate, LayerNorm + modulation, {what}", fn, x, delta, gate, scale, shift,
+                        min_bytes=L * D * (4 + 2 + 4 + 2)))
     write_results("elementwise", rows, "One layer's element-wise passes, Wan-1.3B 480p, bf16; minimum traffic = "
                                        "inputs read and outputs written once.")
 

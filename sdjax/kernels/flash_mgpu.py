@@ -39,6 +39,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 LOG2_E = math.log2(math.e)
+FP8 = jnp.float8_e4m3fn
 _ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per query row, laid out like a wgmma accumulator's rows
 
 
@@ -72,18 +73,23 @@ def default_config(S: int) -> MgpuConfig:
     return LONG_KV_CONFIG if S >= LONG_KV_FROM else SHORT_KV_CONFIG
 
 
-def unsupported_reason(q, k) -> str | None:
+def unsupported_reason(q, k, v) -> str | None:
     """Why this kernel can't run these inputs (None if it can). Platform checks live in the dispatcher."""
-    if q.dtype not in (jnp.bfloat16, jnp.float16):
-        return f"needs bfloat16 or float16 inputs, got {q.dtype}"
+    if k.dtype != q.dtype:
+        return f"needs q and k of one dtype, got {q.dtype} and {k.dtype}"
+    if q.dtype not in (jnp.bfloat16, jnp.float16, jnp.float8_e4m3fn):
+        return f"needs bfloat16, float16 or (q/k only) float8_e4m3fn inputs, got {q.dtype}"
+    if v.dtype not in (jnp.bfloat16, jnp.float16) or (q.dtype != FP8 and v.dtype != q.dtype):
+        return f"needs v in bfloat16 or float16 (q's dtype unless q/k are float8_e4m3fn), got {v.dtype}"
     if q.shape[-1] not in (64, 128):
         return f"supports head_dim 64 and 128, got {q.shape[-1]}"
     return None
 
 
 def _smem(shape, dtype):
-    # 128-byte swizzle with (8, 64) tiles: the layout wgmma reads without bank conflicts (64 x 2 bytes).
-    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+    # 128-byte swizzle with (8, 128 bytes) tiles: the layout wgmma reads without bank conflicts.
+    tile = (8, 128 // jnp.dtype(dtype).itemsize)
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform(tile), plgpu.SwizzleTransform(128)))
 
 
 def flash_attention_mgpu(q, k, v, kv_len=None, *, config: MgpuConfig | None = None):
@@ -92,7 +98,7 @@ def flash_attention_mgpu(q, k, v, kv_len=None, *, config: MgpuConfig | None = No
     `config` defaults to `default_config(S)`, the fastest variant measured for that many keys.
     """
     config = default_config(k.shape[1]) if config is None else config
-    if (reason := unsupported_reason(q, k)) is not None:
+    if (reason := unsupported_reason(q, k, v)) is not None:
         raise ValueError(f"flash_attention_mgpu {reason}")
     T, S = q.shape[1], k.shape[1]
     block_kv = config.block_kv
@@ -117,7 +123,8 @@ def _pad_tokens(x, length: int):
 def _flash_mgpu(q, k, v, kv_len, *, S: int, stages: int, config: MgpuConfig):
     """The kernel proper; keys at or past S (or kv_len) are masked whatever k's padded length."""
     B, T, N, H = q.shape
-    dtype = q.dtype
+    dtype = v.dtype  # of P, V and O; q/k may be float8 (S = Q Kᵀ on the fp8 tensor-core path)
+    fp8_qk = q.dtype != dtype
     block_q, block_kv = config.block_q, config.block_kv
     n_kv_max = pl.cdiv(S, block_kv)
     scale = LOG2_E / math.sqrt(H)
@@ -134,7 +141,7 @@ def _flash_mgpu(q, k, v, kv_len, *, S: int, stages: int, config: MgpuConfig):
     def kernel(q_ref, k_ref, v_ref, kv_len_ref, o_ref, scoped):
         qi, h, b = lax.axis_index("q"), lax.axis_index("heads"), lax.axis_index("batch")
         wg = lax.axis_index("wg")
-        (q_smem2, k_smem, v_smem), (k_ready, v_ready, q_ready), (k_free, v_free), sched = scoped
+        (q_smem2, k_smem, v_smem, *o_smem2), (k_ready, v_ready, q_ready), (k_free, v_free), sched = scoped
         kv_end, n_kv, n_full = kv_bounds(kv_len_ref, b)
 
         def sched_sync():
@@ -262,9 +269,11 @@ def _flash_mgpu(q, k, v, kv_len, *, S: int, stages: int, config: MgpuConfig):
             if config.pingpong:
                 pl.when(wg == 0)(sched_sync)  # balances the barrier's arrivals
             acc = acc * lax.broadcast_in_dim(1.0 / l, acc.shape, [0])
-            q_smem[...] = acc.astype(dtype)  # Q is no longer needed: its buffer stages O for the TMA store
+            # Q is no longer needed: its buffer stages O for the TMA store (a buffer of its own if Q is fp8)
+            o_smem = o_smem2[0].at[wg] if fp8_qk else q_smem
+            o_smem[...] = acc.astype(dtype)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, pl.ds(q_base, block_q), h])
+            plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, pl.ds(q_base, block_q), h])
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == 2)
@@ -295,8 +304,8 @@ def _flash_mgpu(q, k, v, kv_len, *, S: int, stages: int, config: MgpuConfig):
         kv_len_ref, o_ref = rest if with_kv_len else (None, *rest)
         pl.run_scoped(
             lambda *scoped: kernel(q_ref, k_ref, v_ref, kv_len_ref, o_ref, scoped),
-            (_smem((2, block_q, H), dtype), _smem((stages, block_kv, H), dtype),
-             _smem((stages, block_kv, H), dtype)),
+            (_smem((2, block_q, H), q.dtype), _smem((stages, block_kv, H), k.dtype),
+             _smem((stages, block_kv, H), dtype), *([_smem((2, block_q, H), dtype)] if fp8_qk else [])),
             (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
              plgpu.Barrier(num_barriers=2)),
             (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
@@ -307,7 +316,7 @@ def _flash_mgpu(q, k, v, kv_len, *, S: int, stages: int, config: MgpuConfig):
     args = (q, k, v) if kv_len is None else (q, k, v, kv_len.astype(jnp.int32))
     return plgpu.kernel(
         entry,
-        out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+        out_type=jax.ShapeDtypeStruct(q.shape, dtype),  # v's dtype
         # Pallas MGPU launches the last grid axis as CUDA's x (fastest): q-blocks vary fastest, so the
         # CTAs resident at once share one head's K/V in L2 (heads fastest cost 11% at 40 heads).
         grid=(B, N, pl.cdiv(T, 2 * block_q)),

@@ -113,12 +113,14 @@ def test_cpu_backends_and_auto():
     q = jnp.zeros((1, 8, 2, 64), jnp.bfloat16)
     assert available_backends(q) == ["xla", "pallas", "pallas_triton"]
     assert choose_backend(q, q) == "xla"  # nothing measured on CPU: the unmeasured order says xla
-    assert set(BACKENDS) == {"auto", "xla", "cudnn", "pallas", "pallas_mgpu", "pallas_triton", "splash"}
+    assert set(BACKENDS) == {"auto", "xla", "cudnn", "pallas", "pallas_mgpu", "pallas_mgpu_fp8", "pallas_triton",
+                             "splash"}
 
 
 @pytest.mark.parametrize(("backend", "dtype", "H", "message"), [
     ("cudnn", jnp.bfloat16, 64, "needs a GPU"),
     ("pallas_mgpu", jnp.bfloat16, 64, "needs an sm_90"),
+    ("pallas_mgpu_fp8", jnp.bfloat16, 64, "needs an sm_90"),
     ("splash", jnp.bfloat16, 64, "needs a TPU"),
     ("pallas", jnp.float32, 64, "needs bfloat16 or float16"),
     ("pallas_triton", jnp.bfloat16, 96, "head_dim 64 and 128"),

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sdjax.kernels.attention import attention
+from sdjax.kernels.attention import LOSSY_BACKENDS, attention
 from sdjax.kernels.dense import gelu_dense
 from sdjax.numerics import matmul_precision
 
@@ -95,6 +95,12 @@ FP32_PARAMS = ("condition_embedder.time_embedder", "condition_embedder.time_proj
 def _linear(d_in, d_out, dtype, rngs, *, fp32=False):
     dt = jnp.float32 if fp32 else dtype
     return nnx.Linear(d_in, d_out, dtype=dt, param_dtype=dt, precision=matmul_precision(dt), rngs=rngs)
+
+
+def _matmul(x, linear: nnx.Linear):
+    """x @ W of an nnx.Linear, without its bias, at the layer's dtype and precision."""
+    w = linear.kernel[...]
+    return jnp.einsum("...i,io->...o", x.astype(w.dtype), w, precision=linear.precision)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -265,11 +271,14 @@ class Attention(nnx.Module):
         src = x if context is None else context
         q = self.norm_q(self.to_q(x), rope, self.heads)  # RoPE (self-attention) inside the norm's pass
         k = self.norm_k(self.to_k(src), rope, self.heads)
-        v = self.to_v(src)
+        # v's bias moves past the attention: softmax rows sum to 1, so attn(q, k, v + b_v) = attn(q, k, v) + b_v,
+        # and to_out turns + b_v into + b_v W_o, one vector. Saves a pass over v (measured: benchmarks/NOTES.md).
+        v = _matmul(src, self.to_v)
+        out_bias = self.to_out.bias[...] + _matmul(self.to_v.bias[...], self.to_out)
         heads = lambda t: t.reshape(*t.shape[:2], self.heads, -1)  # (B, T, D) -> (B, T, N, K)
         q, k, v = heads(q), heads(k), heads(v)
         out = attention(q, k, v, backend=self.backend) if attend is None else attend(q, k, v)
-        return self.to_out(out.reshape(*out.shape[:2], -1))
+        return _matmul(out.reshape(*out.shape[:2], -1), self.to_out) + out_bias
 
 
 class FeedForward(nnx.Module):
@@ -295,7 +304,10 @@ class WanBlock(nnx.Module):
         self.dtype = dtype
         self.attn1 = Attention(cfg, dtype, attention_backend, rngs)
         self.norm2 = LayerNorm(cfg.dim, cfg.eps)
-        self.attn2 = Attention(cfg, dtype, attention_backend, rngs)
+        # A lossy kernel is a speed choice for the long self-attention; the cross-attention to 512 text keys
+        # gains nothing from it (measured slower, benchmarks/NOTES.md) and stays exact.
+        cross_backend = "auto" if attention_backend in LOSSY_BACKENDS else attention_backend
+        self.attn2 = Attention(cfg, dtype, cross_backend, rngs)
         self.ffn = FeedForward(cfg.dim, cfg.ffn_dim, dtype, rngs, ffn_backend)
         self.scale_shift_table = nnx.Param(
             jax.random.normal(rngs.params(), (1, 6, cfg.dim), jnp.float32) / math.sqrt(cfg.dim))
