@@ -61,10 +61,11 @@ def main():
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--forwards", type=int, default=3)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--backend", default="auto", help="attention backend")
     args = p.parse_args()
     cfg = WanTransformerConfig.from_dict(ModelConfig.named(args.model).transformer)
     h, w = RES[args.res]
-    model = random_like(abstract_transformer(cfg, "bfloat16", "auto"))
+    model = random_like(abstract_transformer(cfg, "bfloat16", args.backend))
     key = jax.random.key(1)
     x = jax.random.normal(key, (args.batch, 16, 21, h // 8, w // 8), jnp.float32)
     t = jnp.full((args.batch,), 500.0)
@@ -90,7 +91,7 @@ def main():
     for name, (ms, n) in sorted(per_name.items(), key=lambda kv: -kv[1][0])[: args.top]:
         rows.append({"kind": kind_of(name), "name": name[:90], "ms_per_forward": ms, "share": ms / total,
                      "calls_per_forward": n / args.forwards})
-    stem = f"profile_{args.model}_{args.res}_b{args.batch}"
+    stem = f"profile_{args.model}_{args.res}_b{args.batch}" + ("" if args.backend == "auto" else f"_{args.backend}")
     write_results(stem, rows, f"Device time per forward by kernel, {args.forwards} forwards traced; total "
                               f"{total:.1f} ms of kernels (bf16, random weights).")
     out_dir = Path(os.environ.get("OUT") or RESULTS)

@@ -12,9 +12,9 @@ Backends live behind `attention(..., backend=...)`; each declares what it suppor
 | `xla`           | any                | reference: plain XLA, fp32 softmax, queries in chunks              |
 | `cudnn`         | GPU                | cuDNN fused flash attention via jax.nn.dot_product_attention       |
 | `pallas_mgpu`   | GPU sm_90 (Hopper) | ours: Pallas Mosaic GPU, wgmma + TMA + warp specialisation         |
-| `pallas_mgpu_fp8` | GPU sm_90        | the same kernel with S = Q Kᵀ on the fp8 tensor cores: q, k rounded |
-|                 |                    | to float8_e4m3 (P V stays bf16). Lossy, opt-in: `auto` never picks  |
-|                 |                    | it (error against exact attention: benchmarks/NOTES.md)             |
+| `pallas_mgpu_int8` | GPU sm_90       | the same kernel with S = Q Kᵀ on the int8 tensor cores: k smoothed, |
+|                 |                    | q and k quantized per block (SageAttention's recipe); P V in bf16.  |
+|                 |                    | Lossy (~0.6% rel. L2), opt-in: `auto` never picks it (NOTES.md)     |
 | `pallas_triton` | GPU; CPU interpret | ours: Pallas through the Triton lowering (portable baseline)       |
 | `pallas`        | GPU, TPU, CPU      | ours, best variant for the platform: mgpu on Hopper, else triton;  |
 |                 |                    | the Mosaic TPU kernel on TPU; Triton in interpret mode on CPU      |
@@ -34,8 +34,8 @@ from sdjax.kernels import attention_table, flash_mgpu, flash_pallas
 from sdjax.kernels.splash import splash_attention
 from sdjax.numerics import matmul_precision
 
-BACKENDS = ("auto", "xla", "cudnn", "pallas", "pallas_mgpu", "pallas_mgpu_fp8", "pallas_triton", "splash")
-LOSSY_BACKENDS = ("pallas_mgpu_fp8",)  # trade accuracy for speed: only when asked for by name
+BACKENDS = ("auto", "xla", "cudnn", "pallas", "pallas_mgpu", "pallas_mgpu_int8", "pallas_triton", "splash")
+LOSSY_BACKENDS = ("pallas_mgpu_int8",)  # trade accuracy for speed: only when asked for by name
 
 # Used only where attention_table.py holds no measurement for this platform (e.g. TPU: none was taken).
 UNMEASURED_ORDER = {
@@ -101,27 +101,12 @@ def _pallas_attention(q, k, v, kv_len):
     return flash_pallas.flash_attention_triton(q, k, v, kv_len, interpret=platform == "cpu")
 
 
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
-
-
-def quantize_qk_fp8(q, k):
-    """q, k rounded to float8_e4m3fn (saturating at ±448), unscaled: after Wan's q/k RMSNorm the entries are
-    O(1), inside e4m3's normal range [2⁻⁶, 448], and a float format keeps 3 mantissa bits at any magnitude."""
-    to_fp8 = lambda x: jnp.clip(x, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
-    return to_fp8(q), to_fp8(k)
-
-
-def _mgpu_fp8_attention(q, k, v, kv_len):
-    q8, k8 = quantize_qk_fp8(q, k)
-    return flash_mgpu.flash_attention_mgpu(q8, k8, v, kv_len)
-
-
 _RUN = {
     "xla": _xla_attention,
     "cudnn": _cudnn_attention,
     "pallas": _pallas_attention,
     "pallas_mgpu": flash_mgpu.flash_attention_mgpu,
-    "pallas_mgpu_fp8": _mgpu_fp8_attention,
+    "pallas_mgpu_int8": lambda q, k, v, kv_len: flash_mgpu.flash_attention_mgpu(q, k, v, kv_len, int8_qk=True),
     "pallas_triton": lambda q, k, v, kv_len: flash_pallas.flash_attention_triton(
         q, k, v, kv_len, interpret=_device().platform == "cpu"),
     "splash": splash_attention,
@@ -150,10 +135,10 @@ def _unsupported(backend: str, q, kv_len=None) -> str | None:
         if H > 128 or H % 8:
             return f"supports head_dim <= 128 and a multiple of 8, got {H}"
         return None
-    if backend in ("pallas_mgpu", "pallas_mgpu_fp8"):
+    if backend in ("pallas_mgpu", "pallas_mgpu_int8"):
         if platform != "gpu" or not _is_hopper(dev):
             return f"needs an sm_90 (Hopper) GPU, got {dev.device_kind}"
-        return flash_mgpu.unsupported_reason(q, q, q)
+        return flash_mgpu.unsupported_reason(q, q, q, int8_qk=backend == "pallas_mgpu_int8")
     if backend == "pallas_triton":
         if platform not in ("gpu", "cpu"):
             return f"needs a GPU (or CPU, interpreted), got {platform}"

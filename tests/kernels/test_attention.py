@@ -113,14 +113,14 @@ def test_cpu_backends_and_auto():
     q = jnp.zeros((1, 8, 2, 64), jnp.bfloat16)
     assert available_backends(q) == ["xla", "pallas", "pallas_triton"]
     assert choose_backend(q, q) == "xla"  # nothing measured on CPU: the unmeasured order says xla
-    assert set(BACKENDS) == {"auto", "xla", "cudnn", "pallas", "pallas_mgpu", "pallas_mgpu_fp8", "pallas_triton",
+    assert set(BACKENDS) == {"auto", "xla", "cudnn", "pallas", "pallas_mgpu", "pallas_mgpu_int8", "pallas_triton",
                              "splash"}
 
 
 @pytest.mark.parametrize(("backend", "dtype", "H", "message"), [
     ("cudnn", jnp.bfloat16, 64, "needs a GPU"),
     ("pallas_mgpu", jnp.bfloat16, 64, "needs an sm_90"),
-    ("pallas_mgpu_fp8", jnp.bfloat16, 64, "needs an sm_90"),
+    ("pallas_mgpu_int8", jnp.bfloat16, 128, "needs an sm_90"),
     ("splash", jnp.bfloat16, 64, "needs a TPU"),
     ("pallas", jnp.float32, 64, "needs bfloat16 or float16"),
     ("pallas_triton", jnp.bfloat16, 96, "head_dim 64 and 128"),
@@ -181,3 +181,28 @@ def test_auto_is_traceable_under_jit():
     seed, q, k, v = random_qkv(1, 40, 40, 2, 64, jnp.bfloat16)
     out = jax.jit(lambda q, k, v: attention(q, k, v))(q, k, v)
     check(out, q, k, v, None, seed, TOL[jnp.bfloat16])
+
+
+def _exact(q, k, v):
+    s = jnp.einsum("btnh,bsnh->bnts", q, k, precision="highest") / jnp.sqrt(q.shape[-1])
+    return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(s, axis=-1), v, precision="highest")
+
+
+def test_int8_qk_quantization_is_close_and_ignores_a_common_key_offset():
+    """What the int8 kernel computes (exact attention of its dequantized q, k) against exact attention: within 2%
+    on random data, and a large offset shared by every key (the bias real models have) costs nothing extra —
+    the smoothing removes it before the rounding."""
+    from sdjax.kernels.flash_mgpu import dequantized_qk_int8, quantize_qk_int8
+
+    kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+    B, T, S, N, H = 1, 300, 500, 2, 64
+    q = jax.random.normal(kq, (B, T, N, H), jnp.float32)
+    k = jax.random.normal(kk, (B, S, N, H), jnp.float32)
+    v = jax.random.normal(kv, (B, S, N, H), jnp.float32)
+    exact = _exact(q, k, v)
+    err = lambda out: float(jnp.linalg.norm(out - exact) / jnp.linalg.norm(exact))
+    plain = err(_exact(*dequantized_qk_int8(q, k, 64, 128), v))
+    shifted = err(_exact(*dequantized_qk_int8(q, k + 20.0 * jax.random.normal(kv, (1, 1, N, H)), 64, 128), v))
+    assert plain < 2e-2 and shifted < 2e-2
+    q8, k8, q_scale, k_scale = quantize_qk_int8(q, k, 64, 128)
+    assert (q8.dtype, k8.dtype, q_scale.shape, k_scale.shape) == (jnp.int8, jnp.int8, (B, N, 6), (B, N, 4))

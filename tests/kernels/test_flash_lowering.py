@@ -16,10 +16,9 @@ from sdjax.kernels.flash_mgpu import MgpuConfig, flash_attention_mgpu
 from sdjax.kernels.flash_pallas import flash_attention_tpu, flash_attention_triton
 
 
-def _export(fn, platform, B, T, S, N, H, kv_len, qk_dtype=jnp.bfloat16):
-    q = jax.ShapeDtypeStruct((B, T, N, H), qk_dtype)
-    kv = jax.ShapeDtypeStruct((B, S, N, H), qk_dtype)
-    v = jax.ShapeDtypeStruct((B, S, N, H), jnp.bfloat16)
+def _export(fn, platform, B, T, S, N, H, kv_len):
+    q = jax.ShapeDtypeStruct((B, T, N, H), jnp.bfloat16)
+    kv = v = jax.ShapeDtypeStruct((B, S, N, H), jnp.bfloat16)
     # Triton kernels have no export-compatibility guarantee; we only want the module built.
     checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
     if kv_len:
@@ -41,19 +40,20 @@ def test_mgpu_kernel_lowers_for_cuda(config, shape):
 
 @pytest.mark.parametrize("config", [MgpuConfig(block_kv=192), MgpuConfig(block_kv=128, overlap=True, pingpong=False)],
                          ids=["pingpong192", "overlap128"])
-def test_mgpu_kernel_with_fp8_qk_lowers_for_cuda(config):
-    """S = Q Kᵀ on fp8 tensor cores (q, k float8_e4m3fn; P V in bf16; O staged in a bf16 buffer of its own)."""
-    module = _export(lambda q, k, v, l: flash_attention_mgpu(q, k, v, l, config=config), "cuda",
-                     1, 1000, 1000, 2, 128, True, qk_dtype=jnp.float8_e4m3fn)
+@pytest.mark.parametrize("kv_len", [False, True], ids=["full", "kv_len"])
+def test_mgpu_kernel_with_int8_qk_lowers_for_cuda(config, kv_len):
+    """S = Q Kᵀ on int8 tensor cores from per-block quantized q, k; per-block scales read in the kernel."""
+    module = _export(lambda q, k, v, l: flash_attention_mgpu(q, k, v, l, config=config, int8_qk=True), "cuda",
+                     2, 1000, 777, 2, 128, kv_len)
     assert "mosaic_gpu" in module
 
 
-def test_mgpu_kernel_refuses_mixed_dtypes():
-    q = jnp.zeros((1, 64, 1, 128), jnp.float8_e4m3fn)
-    with pytest.raises(ValueError, match="needs q and k of one dtype"):
-        flash_mgpu.flash_attention_mgpu(q, q.astype(jnp.bfloat16), q.astype(jnp.bfloat16))
-    with pytest.raises(ValueError, match="needs v in bfloat16 or float16"):
-        flash_mgpu.flash_attention_mgpu(q, q, q)
+def test_mgpu_kernel_refuses_what_it_cannot_run():
+    q = jnp.zeros((1, 64, 1, 128), jnp.bfloat16)
+    with pytest.raises(ValueError, match="inputs of one dtype"):
+        flash_mgpu.flash_attention_mgpu(q, q, q.astype(jnp.float16))
+    with pytest.raises(ValueError, match="with int8 q/k supports head_dim 128"):
+        flash_mgpu.flash_attention_mgpu(q[..., :64], q[..., :64], q[..., :64], int8_qk=True)
 
 
 def _abstract_device(kind, platform):
