@@ -45,11 +45,13 @@ SHAPES = {  # name: (B, T, S, N, H, dtype, kv_len or None)
     "tiny_cpu": (2, 200, 150, 2, 64, "bfloat16", 100),  # a smoke test of this script on CPU
 }
 DEFAULT_SHAPES = [s for s in SHAPES if s != "tiny_cpu"]
-# Kernel-config variants timed by --sweep, per shape: mgpu:block_q,block_kv,stages,overlap,pingpong and
+# Kernel-config variants timed by --sweep, per shape: mgpu[_int8]:block_q,block_kv,stages,overlap,pingpong and
 # triton:block_q,block_k,num_warps,num_stages (cuDNN first as the same-process baseline).
 SWEEP = {
     "wan1.3b_480p": ("cudnn", "mgpu:64,192,2,0,1", "mgpu:64,128,2,1,0", "mgpu:64,192,2,1,0",
-                     "mgpu:64,192,2,1,1", "mgpu:64,192,2,0,0", "mgpu:64,128,2,0,1"),
+                     "mgpu:64,192,2,1,1", "mgpu:64,192,2,0,0", "mgpu:64,128,2,0,1",
+                     "mgpu_int8:64,192,2,0,1", "mgpu_int8:64,128,2,1,0", "mgpu_int8:64,192,2,1,0",
+                     "mgpu_int8:64,128,2,0,1", "mgpu_int8:64,192,2,0,0", "mgpu_int8:64,128,3,0,1"),
     "wan1.3b_480p_cross": ("cudnn", "mgpu:64,128,2,0,1", "mgpu:64,128,2,1,0", "mgpu:64,64,2,0,1",
                            "mgpu:64,64,3,0,1", "mgpu:64,192,2,0,1", "triton:128,64,4,3", "triton:64,64,4,2"),
 }
@@ -98,7 +100,7 @@ def card_slug(name: str) -> str:
 
 def _mgpu_config(spec: str):
     _, flash_mgpu, _ = _import_kernels()
-    bq, bkv, st, ov, pp = (int(x) for x in spec.removeprefix("mgpu:").split(","))
+    bq, bkv, st, ov, pp = (int(x) for x in spec.split(":")[1].split(","))
     return flash_mgpu.MgpuConfig(block_q=bq, block_kv=bkv, stages=st, overlap=bool(ov), pingpong=bool(pp))
 
 
@@ -114,9 +116,9 @@ def _make_fn(spec: str, kv_len_given: bool):
     import jax
 
     attention, flash_mgpu, flash_pallas = _import_kernels()
-    if spec.startswith("mgpu:"):
-        cfg = _mgpu_config(spec)
-        f = lambda q, k, v, l: flash_mgpu.flash_attention_mgpu(q, k, v, l, config=cfg)
+    if spec.startswith(("mgpu:", "mgpu_int8:")):  # a kernel variant; mgpu_int8: the lossy int8 Q Kᵀ mode
+        cfg, int8 = _mgpu_config(spec), spec.startswith("mgpu_int8:")
+        f = lambda q, k, v, l: flash_mgpu.flash_attention_mgpu(q, k, v, l, config=cfg, int8_qk=int8)
     elif spec.startswith("triton:"):
         bq, bk, nw, ns = (int(x) for x in spec[7:].split(","))
         f = lambda q, k, v, l: flash_pallas.flash_attention_triton(q, k, v, l, block_q=bq, block_k=bk,
