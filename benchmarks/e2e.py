@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from benchmarks.cache import psnr
 from benchmarks.common import peak_gib, random_like, write_results
 from sdjax.config import ModelConfig, SystemConfig
 from sdjax.models.tokenizer import load_tokenizer
@@ -24,7 +25,8 @@ from sdjax.models.wan.transformer import WanTransformerConfig
 from sdjax.models.wan.vae import AutoencoderKLWan, WanVAEConfig
 from sdjax.pipeline import Pipeline
 
-TOKENIZER = "tests/fixtures/tokenizer_tiny/tokenizer.json"  # real UMT5 vocabulary is not shipped; ids suffice
+TOKENIZER = "tests/fixtures/tokenizer_tiny/tokenizer.json"
+PROMPT = "a red circle moves left on a black background"  # real UMT5 vocabulary is not shipped; ids suffice
 
 
 def build(model: str, backend: str) -> Pipeline:
@@ -38,6 +40,14 @@ def build(model: str, backend: str) -> Pipeline:
     return Pipeline(cfg, dit, vae, text_encoder, load_tokenizer(TOKENIZER), system)
 
 
+def exact_twin(pipe: Pipeline) -> Pipeline:
+    """The same pipeline (same weights, shared) with exact attention: the reference of a lossy backend's frames."""
+    cfg = WanTransformerConfig.from_dict(pipe.config.transformer)
+    graph, _ = nnx.split(abstract_transformer(cfg, "bfloat16", "auto"))
+    dit = nnx.merge(graph, nnx.state(pipe.transformer))
+    return Pipeline(pipe.config, dit, pipe.vae, pipe.text_encoder, pipe.tokenizer, SystemConfig(dtype="bfloat16"))
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="wan2.1-t2v-1.3b")
@@ -48,6 +58,9 @@ def main():
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--backend", default="auto")
     p.add_argument("--cache", default="none:0", help="comma-separated policy:threshold runs, e.g. none:0,teacache:0.2")
+    p.add_argument("--psnr-vs-exact", action="store_true",
+                   help="a lossy attention backend: also generate each run with exact attention (same weights and "
+                        "seed) and report the frames' PSNR against it")
     args = p.parse_args()
     t0 = time.perf_counter()
     pipe = build(args.model, args.backend)
@@ -58,10 +71,12 @@ def main():
     t0 = time.perf_counter()
     pipe.warmup(pipe.user_params(prompt="warm up", **kw))  # every solver and cache policy, as the service
     warm_s = time.perf_counter() - t0
+    exact = exact_twin(pipe) if args.psnr_vs_exact else None
     for steps, c in runs:
         policy, threshold = c.split(":")
-        r = pipe("a red circle moves left on a black background", num_inference_steps=steps, progress=False,
-                 cache={"policy": policy, "threshold": float(threshold)}, **kw)
+        run = dict(num_inference_steps=steps, progress=False, cache={"policy": policy, "threshold": float(threshold)},
+                   **kw)
+        r = pipe(PROMPT, **run)
         t = r.info["timings"]
         rows.append({"model": args.model, "size": f"{args.width}x{args.height}x{args.frames}", "steps": steps,
                      "cache": c, "computed": r.info["steps_computed"], "cfg": args.guidance > 1,
@@ -69,6 +84,8 @@ def main():
                      "per_step_s": t["denoise_s"] / steps, "decode_s": t["decode_s"],
                      "total_s": sum(t.values()), "warmup_compile_s": warm_s, "build_s": build_s,
                      "peak_GiB": peak_gib(), "frames_finite": bool((r.frames == r.frames).all())})
+        if exact is not None:
+            rows[-1]["psnr_dB_vs_exact_attention"] = psnr(r.frames, exact(PROMPT, **run).frames)
         print(rows[-1], flush=True)
     write_results("e2e", rows, f"bf16, random weights, {jax.devices()[0].device_kind}; cache as listed.")
 
