@@ -51,8 +51,7 @@ SWEEP = {
     "wan1.3b_480p": ("cudnn", "mgpu:64,192,2,0,1", "mgpu:64,128,2,1,0", "mgpu:64,192,2,1,0",
                      "mgpu:64,192,2,1,1", "mgpu:64,192,2,0,0", "mgpu:64,128,2,0,1",
                      "mgpu_int8:64,192,2,0,1", "mgpu_int8:64,128,2,1,0", "mgpu_int8:64,192,2,1,0",
-                     "mgpu_int8:64,128,2,0,1", "mgpu_int8:64,192,2,0,0", "mgpu_int8:64,128,3,0,1",
-                     "mgpu_int8_fp8pv:64,128,2,0,1", "mgpu_int8_fp8pv:64,128,3,0,1", "mgpu_int8_fp8pv:64,128,2,0,0"),
+                     "mgpu_int8:64,128,2,0,1", "mgpu_int8:64,192,2,0,0", "mgpu_int8:64,128,3,0,1"),
     "wan1.3b_480p_cross": ("cudnn", "mgpu:64,128,2,0,1", "mgpu:64,128,2,1,0", "mgpu:64,64,2,0,1",
                            "mgpu:64,64,3,0,1", "mgpu:64,192,2,0,1", "triton:128,64,4,3", "triton:64,64,4,2"),
 }
@@ -117,10 +116,9 @@ def _make_fn(spec: str, kv_len_given: bool):
     import jax
 
     attention, flash_mgpu, flash_pallas = _import_kernels()
-    if spec.startswith(("mgpu:", "mgpu_int8:", "mgpu_int8_fp8pv:")):  # a kernel variant, exact or lossy modes
-        cfg, mode = _mgpu_config(spec), spec.split(":")[0]
-        f = lambda q, k, v, l: flash_mgpu.flash_attention_mgpu(q, k, v, l, config=cfg, int8_qk=mode != "mgpu",
-                                                               fp8_pv=mode == "mgpu_int8_fp8pv")
+    if spec.startswith(("mgpu:", "mgpu_int8:")):  # a kernel variant; mgpu_int8: the lossy int8 Q Kᵀ mode
+        cfg, int8 = _mgpu_config(spec), spec.startswith("mgpu_int8:")
+        f = lambda q, k, v, l: flash_mgpu.flash_attention_mgpu(q, k, v, l, config=cfg, int8_qk=int8)
     elif spec.startswith("triton:"):
         bq, bk, nw, ns = (int(x) for x in spec[7:].split(","))
         f = lambda q, k, v, l: flash_pallas.flash_attention_triton(q, k, v, l, block_q=bq, block_k=bk,

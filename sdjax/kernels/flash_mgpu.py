@@ -40,7 +40,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -96,8 +95,7 @@ def _smem(shape, dtype):
     return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform(tile), plgpu.SwizzleTransform(128)))
 
 
-def flash_attention_mgpu(q, k, v, kv_len=None, *, config: MgpuConfig | None = None, int8_qk: bool = False,
-                         fp8_pv: bool = False):
+def flash_attention_mgpu(q, k, v, kv_len=None, *, config: MgpuConfig | None = None, int8_qk: bool = False):
     """softmax(q kᵀ / sqrt(H)) v on Hopper. q (B, T, N, H), k/v (B, S, N, H), kv_len (B,) -> (B, T, N, H).
 
     `config` defaults to `default_config(S)`, the fastest variant measured for that many keys.
@@ -108,9 +106,6 @@ def flash_attention_mgpu(q, k, v, kv_len=None, *, config: MgpuConfig | None = No
         raise ValueError(f"flash_attention_mgpu {reason}")
     T, S = q.shape[1], k.shape[1]
     qk_scales = None
-    if fp8_pv and (not int8_qk or config.block_kv % 128 or config.overlap):
-        raise ValueError(f"flash_attention_mgpu: fp8_pv needs int8_qk, 128-key blocks, no overlap; got {config}")
-    out_dtype = v.dtype
     if int8_qk:
         q, k, *qk_scales = quantize_qk_int8(q, k, config.block_q, config.block_kv)
     block_kv = config.block_kv
@@ -122,10 +117,7 @@ def flash_attention_mgpu(q, k, v, kv_len=None, *, config: MgpuConfig | None = No
     q = _pad_tokens(q, -(-T // 8) * 8)
     S_min = n_kv_max * block_kv if n_kv_max <= stages else -(-S // 8) * 8
     k, v = _pad_tokens(k, S_min), _pad_tokens(v, S_min)
-    v_scale = None
-    if fp8_pv:
-        v, v_scale = quantize_v_fp8(v)
-    out = _flash_mgpu(q, k, v, kv_len, qk_scales, v_scale, S=S, stages=stages, config=config, out_dtype=out_dtype)
+    out = _flash_mgpu(q, k, v, kv_len, qk_scales, S=S, stages=stages, config=config)
     return out[:, :T] if out.shape[1] != T else out
 
 
@@ -157,59 +149,6 @@ def quantize_qk_int8(q, k, block_q: int, block_kv: int):
     return q8, k8, q_scale, k_scale
 
 
-# wgmma reads an 8-bit A operand from registers as 4 consecutive columns per thread; the fp32 accumulator layout
-# gives each thread columns (2t, 2t+1) of every 8. Packing a thread's two accumulator pairs of one 16-column
-# group into one register (`_p_to_fp8`) so presents P's columns in this order to the tensor core; V's keys are
-# stored in the same order within every 16 (`quantize_v_fp8`), and P V is unchanged.
-FP8_PV_KEY_ORDER = (0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15)
-P_FP8_LOG2_SCALE = 8.0  # P is scaled by 2⁸ into e4m3's normal range (the row sum l carries it, O / l cancels it)
-
-
-def quantize_v_fp8(v):
-    """v (B, S, N, H) -> (v8 (B, N, H, S') float8_e4m3fn, scale (B, N) fp32): one absmax / 448 scale per head,
-    keys in `FP8_PV_KEY_ORDER` within each 16 and last (fp8 wgmma needs its B operand K-major); S' = S padded to
-    128 (the TMA tile of a 128-byte swizzled row)."""
-    B, S, N, H = v.shape
-    S16 = -(-S // 128) * 128
-    v32 = jnp.pad(v.astype(jnp.float32), ((0, 0), (0, S16 - S), (0, 0), (0, 0)))
-    scale = jnp.maximum(jnp.abs(v32).max(axis=(1, 3)), 1e-30) / 448.0  # (B, N)
-    v8 = jnp.clip(v32 / scale[:, None, :, None], -448.0, 448.0).astype(jnp.float8_e4m3fn)
-    v8 = v8.reshape(B, S16 // 16, 16, N, H)[:, :, jnp.asarray(FP8_PV_KEY_ORDER)].reshape(B, S16, N, H)
-    return v8.transpose(0, 2, 3, 1), scale
-
-
-def _p_to_fp8(p):
-    """P (64, n) fp32 in the wgmma accumulator layout -> float8_e4m3fn in wgmma's 8-bit A-operand layout, without
-    moving data between threads: columns come out in `FP8_PV_KEY_ORDER` within every 16."""
-    from jax._src.lib.mlir import ir
-    from jax._src.lib.mlir.dialects import arith, llvm, vector
-    from jax.experimental import mosaic as _  # noqa: F401
-    from jax.experimental.mosaic import gpu as mgpu
-
-    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,),
-                       return_type=plgpu.ShapeDtypeStruct(p.shape, jnp.float8_e4m3fn, layout=plgpu.Layout.WGMMA_8BIT))
-    def pack(_, p):
-        i16, i32 = ir.IntegerType.get_signless(16), ir.IntegerType.get_signless(32)
-        f8x4 = ir.VectorType.get((4,), ir.Float8E4M3FNType.get())
-        at = lambda vec, i: vector.extract(vec, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([i]))
-
-        def two_fp8(pair):  # PTX packs its first operand into the upper byte
-            return llvm.inline_asm(i16, [at(pair, 1), at(pair, 0)], "cvt.rn.satfinite.e4m3x2.f32 $0, $1, $2;",
-                                   "=h,f,f")
-
-        regs = p.registers
-        out = np.empty((regs.shape[0], regs.shape[1] // 2, *regs.shape[2:]), dtype=object)
-        for idx in np.ndindex(out.shape):
-            lo_src = regs[(idx[0], 2 * idx[1], *idx[2:])]
-            hi_src = regs[(idx[0], 2 * idx[1] + 1, *idx[2:])]
-            lo, hi = (arith.extui(i32, two_fp8(r)) for r in (lo_src, hi_src))
-            word = arith.ori(lo, arith.shli(hi, arith.constant(i32, 16)))
-            out[idx] = vector.bitcast(f8x4, vector.broadcast(ir.VectorType.get((1,), i32), word))
-        return mgpu.FragmentedArray(_registers=out, _layout=mgpu.WGMMA_LAYOUT_8BIT, _is_signed=None)
-
-    return pack(p)
-
-
 def dequantized_qk_int8(q, k, block_q: int, block_kv: int):
     """The fp32 q, k whose exact attention the int8 kernel computes (for checks): int8 values x their scale."""
     q8, k8, q_scale, k_scale = quantize_qk_int8(q, k, block_q, block_kv)
@@ -224,13 +163,11 @@ def _pad_tokens(x, length: int):
     return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
 
 
-def _flash_mgpu(q, k, v, kv_len, qk_scales, v_scale=None, *, S: int, stages: int, config: MgpuConfig,
-                out_dtype=None):
+def _flash_mgpu(q, k, v, kv_len, qk_scales, *, S: int, stages: int, config: MgpuConfig):
     """The kernel proper; keys at or past S (or kv_len) are masked whatever k's padded length.
     `qk_scales` = (q_scale, k_scale) per block when q, k are int8 (`quantize_qk_int8`), else None."""
     B, T, N, H = q.shape
-    fp8_pv = v_scale is not None  # v is then (B, N, H, S') float8 (`quantize_v_fp8`)
-    dtype = out_dtype or v.dtype  # of P, V and O; q/k may be int8 (S = Q Kᵀ on the int8 tensor cores)
+    dtype = v.dtype  # of P, V and O; q/k may be int8 (S = Q Kᵀ on the int8 tensor cores)
     int8_qk = qk_scales is not None
     s_dtype = jnp.int32 if int8_qk else jnp.float32
     block_q, block_kv = config.block_q, config.block_kv
@@ -246,7 +183,7 @@ def _flash_mgpu(q, k, v, kv_len, qk_scales, v_scale=None, *, S: int, stages: int
         kv_end = jnp.clip(kv_len_ref[b], 1, S)
         return kv_end, (kv_end + block_kv - 1) // block_kv, kv_end // block_kv
 
-    def kernel(q_ref, k_ref, v_ref, kv_len_ref, scale_refs, v_scale_ref, o_ref, scoped):
+    def kernel(q_ref, k_ref, v_ref, kv_len_ref, scale_refs, o_ref, scoped):
         qi, h, b = lax.axis_index("q"), lax.axis_index("heads"), lax.axis_index("batch")
         wg = lax.axis_index("wg")
         if int8_qk:  # logit scale of key block j: this warpgroup's q-block scale x block j's k scale
@@ -271,10 +208,9 @@ def _flash_mgpu(q, k, v, kv_len, qk_scales, v_scale=None, *, S: int, stages: int
                 s = jnp.where(cols < kv_end - j * block_kv, s, -jnp.inf)
             m_new = jnp.maximum(m, s.max(axis=1) * scale)
             alpha = jnp.exp2(m - m_new)
-            offset = m_new - P_FP8_LOG2_SCALE if fp8_pv else m_new
-            p = jnp.exp2(s * scale - lax.broadcast_in_dim(offset, s.shape, [0]))
+            p = jnp.exp2(s * scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
             l = l * alpha + p.sum(axis=1)
-            return (_p_to_fp8(p) if fp8_pv else p.astype(dtype)), m_new, l, alpha
+            return p.astype(dtype), m_new, l, alpha
 
         def two_phase(q_smem, carry0):
             """Schedule without intra-warpgroup overlap: S = QKᵀ; softmax; O += PV, per block."""
@@ -302,18 +238,13 @@ def _flash_mgpu(q, k, v, kv_len, qk_scales, v_scale=None, *, S: int, stages: int
                     plgpu.barrier_wait(sched)
 
                 def pv(o_ref):
-                    plgpu.wgmma(o_ref, p, v_smem.at[slot].T if fp8_pv else v_smem.at[slot])
+                    plgpu.wgmma(o_ref, p, v_smem.at[slot])
 
                     @pl.when(j + 1 < n_kv)
                     def _():
                         plgpu.barrier_wait(k_ready.at[lax.rem(j + 1, stages)])
 
-                if fp8_pv:  # the fp8 wgmma's accumulator keeps ~13 mantissa bits: sum each block from zero and
-                    # add it to the fp32 O here (two-level accumulation, as SageAttention2)
-                    acc = acc + pl.run_scoped(lambda o_ref: (pv(o_ref), o_ref[...])[1],
-                                              plgpu.ACC((block_q, H), jnp.float32))
-                else:
-                    acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
                 plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m, l
 
@@ -390,10 +321,7 @@ def _flash_mgpu(q, k, v, kv_len, qk_scales, v_scale=None, *, S: int, stages: int
             acc, l = run(q_smem, (acc, m, l))
             if config.pingpong:
                 pl.when(wg == 0)(sched_sync)  # balances the barrier's arrivals
-            inv_l = 1.0 / l
-            if fp8_pv:
-                inv_l = inv_l * v_scale_ref[b, h]
-            acc = acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])
+            acc = acc * lax.broadcast_in_dim(1.0 / l, acc.shape, [0])
             # Q is no longer needed: its buffer stages O for the TMA store (a buffer of its own if Q is int8)
             o_smem = o_smem2[0].at[wg] if int8_qk else q_smem
             o_smem[...] = acc.astype(dtype)
@@ -405,14 +333,10 @@ def _flash_mgpu(q, k, v, kv_len, qk_scales, v_scale=None, *, S: int, stages: int
         def _memory():
             plgpu.set_max_registers(24 if config.overlap else 40, action="decrease")
 
-            def v_block(j):  # (block_kv, H), or (H, block_kv) of the transposed fp8 V
-                keys = pl.ds(j * block_kv, block_kv)
-                return v_ref.at[b, h, :, keys] if fp8_pv else v_ref.at[b, keys, h]
-
             def fetch(j, slot):
                 rows = (b, pl.ds(j * block_kv, block_kv), h)
                 plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_ready.at[slot])
-                plgpu.copy_gmem_to_smem(v_block(j), v_smem.at[slot], v_ready.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_ready.at[slot])
 
             for i in range(stages):
                 if isinstance(n_kv, int):  # static: the first `stages` blocks always exist (stages <= n_kv)
@@ -427,17 +351,15 @@ def _flash_mgpu(q, k, v, kv_len, qk_scales, v_scale=None, *, S: int, stages: int
                 plgpu.barrier_wait(k_free.at[slot])
                 plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_ready.at[slot])
                 plgpu.barrier_wait(v_free.at[slot])
-                plgpu.copy_gmem_to_smem(v_block(j + stages), v_smem.at[slot], v_ready.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_ready.at[slot])
 
     def entry(q_ref, k_ref, v_ref, *rest):
         kv_len_ref, rest = (rest[0], rest[1:]) if with_kv_len else (None, rest)
-        scale_refs, rest = (rest[:2], rest[2:]) if int8_qk else (None, rest)
-        v_scale_ref, (o_ref,) = (rest[0], rest[1:]) if fp8_pv else (None, rest)
+        scale_refs, (o_ref,) = (rest[:2], rest[2:]) if int8_qk else (None, rest)
         pl.run_scoped(
-            lambda *scoped: kernel(q_ref, k_ref, v_ref, kv_len_ref, scale_refs, v_scale_ref, o_ref, scoped),
+            lambda *scoped: kernel(q_ref, k_ref, v_ref, kv_len_ref, scale_refs, o_ref, scoped),
             (_smem((2, block_q, H), q.dtype), _smem((stages, block_kv, H), k.dtype),
-             _smem((stages, H, block_kv) if fp8_pv else (stages, block_kv, H), v.dtype),
-             *([_smem((2, block_q, H), dtype)] if int8_qk else [])),
+             _smem((stages, block_kv, H), dtype), *([_smem((2, block_q, H), dtype)] if int8_qk else [])),
             (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
              plgpu.Barrier(num_barriers=2)),
             (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
@@ -446,10 +368,10 @@ def _flash_mgpu(q, k, v, kv_len, qk_scales, v_scale=None, *, S: int, stages: int
         )
 
     args = (q, k, v) if kv_len is None else (q, k, v, kv_len.astype(jnp.int32))
-    args += (tuple(qk_scales) if int8_qk else ()) + ((v_scale,) if fp8_pv else ())
+    args += tuple(qk_scales) if int8_qk else ()
     return plgpu.kernel(
         entry,
-        out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+        out_type=jax.ShapeDtypeStruct(q.shape, dtype),  # v's dtype
         # Pallas MGPU launches the last grid axis as CUDA's x (fastest): q-blocks vary fastest, so the
         # CTAs resident at once share one head's K/V in L2 (heads fastest cost 11% at 40 heads).
         grid=(B, N, pl.cdiv(T, 2 * block_q)),
