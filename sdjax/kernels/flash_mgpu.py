@@ -199,7 +199,7 @@ def _flash_mgpu(q, k, v, kv_len, qk_scales, *, S: int, stages: int, config: Mgpu
             plgpu.barrier_wait(sched)
 
         def softmax(s, m, l, j, masked):
-            """Online-softmax update for key block j: returns (P in the input dtype, m, l, alpha)."""
+            """Online-softmax update for key block j: returns (P in V's dtype, m, l, alpha)."""
             scale = logit_scale(j)
             if int8_qk:  # (int32 -> fp32 through a float-bits trick instead of I2F measured slower: NOTES)
                 s = s.astype(jnp.float32)
