@@ -133,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=None, help="model dir (or built-in name); default: the embedded demo model")
     g.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                    help="default: float32 for the embedded demo model, bfloat16 otherwise")
-    g.add_argument("--attention-backend", default="auto")
+    g.add_argument("--attention-backend", default="auto",
+                   help="auto: the fastest exact kernel measured here; or a name (sdjax.kernels.attention.BACKENDS); "
+                        "pallas_mgpu_int8 trades ~0.6%% accuracy for ~6%% speed on Hopper (int8 Q·Kᵀ)")
     g.add_argument("--compile-cache-dir", default=None,
                    help="JAX persistent compilation cache (default: DATA_DIR/compile-cache)")
     g.add_argument("--engine", default=os.environ.get("SDJAX_ENGINE"),
