@@ -126,9 +126,13 @@ def quantize_qk_int8(q, k, block_q: int, block_kv: int):
 
     SageAttention's recipe: k is first smoothed — its mean over the tokens removed, which shifts every score of a
     query row by the same amount, so the softmax is unchanged — then q and k are rounded to int8 with their block's
-    absmax / 127 as the scale. Returns (q8, k8, q_scale (B, N, nq), k_scale (B, N, nk)); nq covers whole CTAs
+    absmax / 127 as the scale. Returns (q8, k8, q_scale (B, nq, N), k_scale (B, nk, N)); nq covers whole CTAs
     (2 · block_q rows), so every compute warpgroup finds its scale."""
     f32 = jnp.float32
+    # q and k have three readers here (mean, absmax, rounding): the barrier keeps them as the bf16 arrays their
+    # producer wrote; without it XLA recomputed the q/k norm + RoPE inside each reader and wrote fp32 copies of
+    # k (+15 ms a forward instead of +7, benchmarks/NOTES.md).
+    q, k = jax.lax.optimization_barrier((q, k))
     B, S, N, H = k.shape
     # The mean over tokens as a product with ones (a GEMV at memory speed; XLA's column reduction over 32,760
     # rows ran at ~0.4 TB/s, benchmarks/NOTES.md), accumulated in fp32.
@@ -137,12 +141,19 @@ def quantize_qk_int8(q, k, block_q: int, block_kv: int):
 
     def per_block(x, block, n_blocks):
         B, L, N, H = x.shape
-        amax = jnp.abs(x.astype(f32)).max(axis=-1)  # (B, L, N): a contiguous row reduction, then a tiny one
-        amax = jnp.pad(amax, ((0, 0), (0, n_blocks * block - L), (0, 0))).reshape(B, n_blocks, block, N).max(axis=2)
-        scale = jnp.maximum(amax, 1e-30) / 127.0
+        amax = jnp.abs(x.astype(f32)).max(axis=-1)  # (B, L, N): a contiguous row reduction, then tiny ones
+        # Whole blocks and the ragged tail apart, and the unused blocks appended as ones: XLA sinks a pad of
+        # amax into the reduction above, materialising a padded fp32 copy of x (measured: benchmarks/NOTES.md).
+        whole = L // block
+        parts = [amax[:, : whole * block].reshape(B, whole, block, N).max(axis=2)]
+        if L % block:
+            parts.append(amax[:, whole * block :].max(axis=1, keepdims=True))
+        if n_blocks > -(-L // block):
+            parts.append(jnp.full((B, n_blocks - -(-L // block), N), 127.0, f32))
+        scale = jnp.maximum(jnp.concatenate(parts, axis=1), 1e-30) / 127.0  # (B, n_blocks, N)
         per_token = jnp.repeat(scale, block, axis=1)[:, :L, :, None]  # (B, L, N, 1)
         x8 = jnp.clip(jnp.round(x.astype(f32) / per_token), -127, 127).astype(jnp.int8)
-        return x8, scale.transpose(0, 2, 1)
+        return x8, scale
 
     q8, q_scale = per_block(q, block_q, 2 * pl.cdiv(q.shape[1], 2 * block_q))
     k8, k_scale = per_block(k, block_kv, pl.cdiv(k.shape[1], block_kv))
@@ -152,7 +163,7 @@ def quantize_qk_int8(q, k, block_q: int, block_kv: int):
 def dequantized_qk_int8(q, k, block_q: int, block_kv: int):
     """The fp32 q, k whose exact attention the int8 kernel computes (for checks): int8 values x their scale."""
     q8, k8, q_scale, k_scale = quantize_qk_int8(q, k, block_q, block_kv)
-    per_token = lambda scale, block, L: jnp.repeat(scale.transpose(0, 2, 1), block, axis=1)[:, :L, :, None]
+    per_token = lambda scale, block, L: jnp.repeat(scale, block, axis=1)[:, :L, :, None]
     return (q8.astype(jnp.float32) * per_token(q_scale, block_q, q.shape[1]),
             k8.astype(jnp.float32) * per_token(k_scale, block_kv, k.shape[1]))
 
@@ -187,8 +198,8 @@ def _flash_mgpu(q, k, v, kv_len, qk_scales, *, S: int, stages: int, config: Mgpu
         qi, h, b = lax.axis_index("q"), lax.axis_index("heads"), lax.axis_index("batch")
         wg = lax.axis_index("wg")
         if int8_qk:  # logit scale of key block j: this warpgroup's q-block scale x block j's k scale
-            q_scale = scale_refs[0][b, h, 2 * qi + jnp.minimum(wg, 1)] * scale
-            logit_scale = lambda j: q_scale * scale_refs[1][b, h, j]
+            q_scale = scale_refs[0][b, 2 * qi + jnp.minimum(wg, 1), h] * scale
+            logit_scale = lambda j: q_scale * scale_refs[1][b, j, h]
         else:
             logit_scale = lambda j: scale
         (q_smem2, k_smem, v_smem, *o_smem2), (k_ready, v_ready, q_ready), (k_free, v_free), sched = scoped
