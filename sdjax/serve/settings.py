@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: float32 for the embedded demo model, bfloat16 otherwise")
     g.add_argument("--attention-backend", default="auto",
                    help="auto: the fastest exact kernel measured here; or a name (sdjax.kernels.attention.BACKENDS); "
-                        "pallas_mgpu_int8 trades ~0.6%% accuracy for ~6%% speed on Hopper (int8 Q·Kᵀ)")
+                        "pallas_mgpu_int8 trades ~0.6%% accuracy for ~8%% speed on Hopper (int8 Q·Kᵀ)")
     g.add_argument("--compile-cache-dir", default=None,
                    help="JAX persistent compilation cache (default: DATA_DIR/compile-cache)")
     g.add_argument("--engine", default=os.environ.get("SDJAX_ENGINE"),
