@@ -160,7 +160,7 @@ def _unsupported(backend: str, q, kv_len=None) -> str | None:
 
 
 def available_backends(q, kv_len=None) -> list[str]:
-    """The concrete backends that can run q (B, T, N, H) here (`auto` excluded)."""
+    """The concrete exact backends that can run q (B, T, N, H) here (`auto` and the lossy ones excluded)."""
     return [b for b in BACKENDS if b not in ("auto", *LOSSY_BACKENDS) and _unsupported(b, q, kv_len) is None]
 
 
