@@ -30,8 +30,7 @@ from sdjax.kernels import flash_mgpu  # noqa: E402
 
 def int8_reference_attention(q, k, v, kv_len=None):
     """Exact attention (fp32) of q, k as the int8 kernel sees them: quantized with its block sizes, dequantized."""
-    cfg = flash_mgpu.default_config(k.shape[1])
-    q8, k8 = flash_mgpu.dequantized_qk_int8(q, k, cfg.block_q, cfg.block_kv)
+    q8, k8 = flash_mgpu.dequantized_qk_int8(q, k)
     out = attention_lib._xla_attention(q8, k8, v.astype(jnp.float32), kv_len)
     return out.astype(v.dtype)
 

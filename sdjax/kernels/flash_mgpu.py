@@ -151,8 +151,7 @@ def quantize_qk_int8(q, k, block_q: int, block_kv: int):
         if n_blocks > -(-L // block):
             parts.append(jnp.full((B, n_blocks - -(-L // block), N), 127.0, f32))
         scale = jnp.maximum(jnp.concatenate(parts, axis=1), 1e-30) / 127.0  # (B, n_blocks, N)
-        per_token = jnp.repeat(scale, block, axis=1)[:, :L, :, None]  # (B, L, N, 1)
-        x8 = jnp.clip(jnp.round(x.astype(f32) / per_token), -127, 127).astype(jnp.int8)
+        x8 = jnp.clip(jnp.round(x.astype(f32) / _per_token(scale, block, L)), -127, 127).astype(jnp.int8)
         return x8, scale
 
     q8, q_scale = per_block(q, block_q, 2 * pl.cdiv(q.shape[1], 2 * block_q))
@@ -160,12 +159,19 @@ def quantize_qk_int8(q, k, block_q: int, block_kv: int):
     return q8, k8, q_scale, k_scale
 
 
-def dequantized_qk_int8(q, k, block_q: int, block_kv: int):
-    """The fp32 q, k whose exact attention the int8 kernel computes (for checks): int8 values x their scale."""
+def _per_token(scale, block: int, L: int):
+    """Block scales (B, n_blocks, N) -> one per token (B, L, N, 1)."""
+    return jnp.repeat(scale, block, axis=1)[:, :L, :, None]
+
+
+def dequantized_qk_int8(q, k, block_q: int | None = None, block_kv: int | None = None):
+    """The fp32 q, k whose exact attention the int8 kernel computes (for checks): int8 values x their scale.
+    Block sizes default to the kernel's for this many keys (`default_config`)."""
+    config = default_config(k.shape[1])
+    block_q, block_kv = block_q or config.block_q, block_kv or config.block_kv
     q8, k8, q_scale, k_scale = quantize_qk_int8(q, k, block_q, block_kv)
-    per_token = lambda scale, block, L: jnp.repeat(scale, block, axis=1)[:, :L, :, None]
-    return (q8.astype(jnp.float32) * per_token(q_scale, block_q, q.shape[1]),
-            k8.astype(jnp.float32) * per_token(k_scale, block_kv, k.shape[1]))
+    return (q8.astype(jnp.float32) * _per_token(q_scale, block_q, q.shape[1]),
+            k8.astype(jnp.float32) * _per_token(k_scale, block_kv, k.shape[1]))
 
 
 def _pad_tokens(x, length: int):
