@@ -15,12 +15,12 @@ Gates (issue "Embedded default model"):
 from __future__ import annotations
 
 import itertools
-import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from benchmarks.cache import psnr
 from sdjax.config import ModelConfig
 from tools import demo_data as data
 
@@ -29,12 +29,6 @@ pytestmark = pytest.mark.slow
 MIN_AGREEMENT = 0.9
 MIN_CACHE_PSNR_DB = 30.0  # mean over the held-out videos
 MAX_SHIPPED_BYTES = 20 * 2**20
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB of frames in [0, 1]."""
-    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
 def agreement(videos: list[np.ndarray], scenes) -> tuple[float, list]:
