@@ -1,18 +1,21 @@
-"""What the lossy int8 Q Kᵀ attention (`pallas_mgpu_int8`) costs in output quality, on trained weights.
+"""What the lossy attention backends cost in output quality, on trained weights.
 
     python benchmarks/attention_quality.py            # CPU: the demo model, 8 prompts, PSNR / SSIM vs exact
 
-The Hopper kernel computes exact attention of its dequantized q and k (int8 values × block scales, k smoothed):
-on the GPU it matches a float64 reference of exactly that to the bf16 level (benchmarks/NOTES.md, session 4).
-So this script runs the same recipe's reference on any platform: every self-attention call (as many keys as
-queries) of the model gets `int8_reference_attention`, the cross-attention stays exact, as in the model. The
-reference of each video is the same prompt, seed and settings with exact attention (no feature cache, so
-nothing else differs). Writes benchmarks/results/attention_int8_quality_<model>_<device>.md.
+The Hopper kernel's int8 mode (`pallas_mgpu_int8`) computes exact attention of its dequantized q and k (int8
+values × block scales, k smoothed): on the GPU it matches a float64 reference of exactly that to the bf16 level
+(benchmarks/NOTES.md, session 4). So this script runs the recipes' references on any platform: every
+self-attention call (as many keys as queries) of the model gets the recipe, the cross-attention stays exact, as
+in the model. `pallas_mgpu_int8_fp8` adds P and V in e4m3: V as the kernel rounds it, P rounded after scaling
+by 2⁸ against the row's final max (the kernel's running max differs per key block; e4m3's relative precision
+is the same). The reference of each video is the same prompt, seed and settings with exact attention (no
+feature cache, so nothing else differs). Writes benchmarks/results/attention_lossy_quality_<model>_<device>.md.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from pathlib import Path
 
@@ -35,13 +38,31 @@ def int8_reference_attention(q, k, v, kv_len=None):
     return out.astype(v.dtype)
 
 
+def int8_fp8_reference_attention(q, k, v, kv_len=None):
+    """Attention (fp32) as the int8 Q Kᵀ + fp8 P V kernel computes it: its q, k, v roundings and P's e4m3 one."""
+    q8, k8 = flash_mgpu.dequantized_qk_int8(q, k, block_kv=flash_mgpu.FP8_PV_CONFIG.block_kv)
+    v8 = flash_mgpu.dequantized_v_fp8(v)
+    logits = jnp.einsum("bqnh,bknh->bnqk", q8, k8) / math.sqrt(q.shape[-1])
+    if kv_len is not None:
+        keys = jnp.arange(k.shape[1])[None, :] < kv_len[:, None]
+        logits = jnp.where(keys[:, None, None, :], logits, -jnp.inf)
+    p = jnp.exp(logits - logits.max(axis=-1, keepdims=True))
+    p_scale = 2.0**flash_mgpu.P_FP8_LOG2_SCALE
+    p8 = jnp.clip(p * p_scale, 0.0, 448.0).astype(jnp.float8_e4m3fn).astype(jnp.float32)
+    out = jnp.einsum("bnqk,bknh->bqnh", p8, v8) / jnp.einsum("bnqk->bqn", p * p_scale)[..., None]
+    return out.astype(v.dtype)
+
+
+RECIPES = {"pallas_mgpu_int8": int8_reference_attention, "pallas_mgpu_int8_fp8": int8_fp8_reference_attention}
+
+
 @contextlib.contextmanager
-def int8_self_attention():
-    """Inside: the `xla` backend's self-attention calls run `int8_reference_attention` (compiled programs are
-    dropped on entry and exit, so nothing compiled with the other attention is reused)."""
-    exact = attention_lib._RUN["xla"]
+def lossy_self_attention(backend: str):
+    """Inside: the `xla` backend's self-attention calls run the reference of lossy `backend` (RECIPES); compiled
+    programs are dropped on entry and exit, so nothing compiled with the other attention is reused."""
+    exact, recipe = attention_lib._RUN["xla"], RECIPES[backend]
     attention_lib._RUN["xla"] = lambda q, k, v, kv_len: (
-        int8_reference_attention(q, k, v, kv_len) if q.shape[1] == k.shape[1] else exact(q, k, v, kv_len))
+        recipe(q, k, v, kv_len) if q.shape[1] == k.shape[1] else exact(q, k, v, kv_len))
     jax.clear_caches()
     try:
         yield
@@ -57,15 +78,17 @@ def main():
     pipe = Pipeline.default(system=SystemConfig(attention_backend="xla"))
     kw = dict(progress=False, cache={"policy": "none", "threshold": 0.0})
     exact = [pipe(p, seed=i, **kw).frames for i, p in enumerate(DEMO_PROMPTS)]
-    with int8_self_attention():
-        lossy = [pipe(p, seed=i, **kw).frames for i, p in enumerate(DEMO_PROMPTS)]
-    rows = [{"prompt": p, "psnr_dB": psnr(a, b), "ssim": ssim(a, b)}
-            for p, a, b in zip(DEMO_PROMPTS, lossy, exact, strict=True)]
-    rows.append({"prompt": "(mean)", "psnr_dB": float(np.mean([r["psnr_dB"] for r in rows])),
-                 "ssim": float(np.mean([r["ssim"] for r in rows]))})
-    write_results(f"attention_int8_quality_{pipe.config.name}", rows,
-                  "Frames with the int8 Q Kᵀ recipe in every self-attention against exact attention (same prompt, "
-                  "seed, default steps, no cache), the demo model's trained weights; device "
+    rows = []
+    for backend in RECIPES:
+        with lossy_self_attention(backend):
+            lossy = [pipe(p, seed=i, **kw).frames for i, p in enumerate(DEMO_PROMPTS)]
+        mine = [{"backend": backend, "prompt": p, "psnr_dB": psnr(a, b), "ssim": ssim(a, b)}
+                for p, a, b in zip(DEMO_PROMPTS, lossy, exact, strict=True)]
+        mean = {key: float(np.mean([r[key] for r in mine])) for key in ("psnr_dB", "ssim")}
+        rows += [*mine, {"backend": backend, "prompt": "(mean)", **mean}]
+    write_results(f"attention_lossy_quality_{pipe.config.name}", rows,
+                  "Frames with each lossy backend's recipe in every self-attention against exact attention (same "
+                  "prompt, seed, default steps, no cache), the demo model's trained weights; device "
                   f"{jax.devices()[0].device_kind}.")
 
 

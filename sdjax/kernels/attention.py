@@ -15,6 +15,9 @@ Backends live behind `attention(..., backend=...)`; each declares what it suppor
 | `pallas_mgpu_int8` | GPU sm_90       | the same kernel with S = Q Kᵀ on the int8 tensor cores: k smoothed, |
 |                 |                    | q and k quantized per block (SageAttention's recipe); P V in bf16.  |
 |                 |                    | Lossy (~0.6% rel. L2), opt-in: `auto` never picks it (NOTES.md)     |
+| `pallas_mgpu_int8_fp8` | GPU sm_90   | int8 Q Kᵀ as above and P V on the fp8 tensor cores (P, V in e4m3):   |
+|                 |                    | SageAttention2's Hopper recipe. Lossier (e4m3 keeps 3 mantissa bits: |
+|                 |                    | ~4% rel. L2 on random data), faster; opt-in like the int8 one       |
 | `pallas_triton` | GPU; CPU interpret | ours: Pallas through the Triton lowering (portable baseline)       |
 | `pallas`        | GPU, TPU, CPU      | ours, best variant for the platform: mgpu on Hopper, else triton;  |
 |                 |                    | the Mosaic TPU kernel on TPU; Triton in interpret mode on CPU      |
@@ -34,8 +37,9 @@ from sdjax.kernels import attention_table, flash_mgpu, flash_pallas
 from sdjax.kernels.splash import splash_attention
 from sdjax.numerics import matmul_precision
 
-BACKENDS = ("auto", "xla", "cudnn", "pallas", "pallas_mgpu", "pallas_mgpu_int8", "pallas_triton", "splash")
-LOSSY_BACKENDS = ("pallas_mgpu_int8",)  # trade accuracy for speed: only when asked for by name
+BACKENDS = ("auto", "xla", "cudnn", "pallas", "pallas_mgpu", "pallas_mgpu_int8", "pallas_mgpu_int8_fp8",
+            "pallas_triton", "splash")
+LOSSY_BACKENDS = ("pallas_mgpu_int8", "pallas_mgpu_int8_fp8")  # trade accuracy for speed: only when asked for by name
 
 # Used only where attention_table.py holds no measurement for this platform (e.g. TPU: none was taken).
 UNMEASURED_ORDER = {
@@ -107,6 +111,8 @@ _RUN = {
     "pallas": _pallas_attention,
     "pallas_mgpu": flash_mgpu.flash_attention_mgpu,
     "pallas_mgpu_int8": lambda q, k, v, kv_len: flash_mgpu.flash_attention_mgpu(q, k, v, kv_len, int8_qk=True),
+    "pallas_mgpu_int8_fp8": lambda q, k, v, kv_len: flash_mgpu.flash_attention_mgpu(q, k, v, kv_len, int8_qk=True,
+                                                                                     fp8_pv=True),
     "pallas_triton": lambda q, k, v, kv_len: flash_pallas.flash_attention_triton(
         q, k, v, kv_len, interpret=_device().platform == "cpu"),
     "splash": splash_attention,
@@ -135,10 +141,10 @@ def _unsupported(backend: str, q, kv_len=None) -> str | None:
         if H > 128 or H % 8:
             return f"supports head_dim <= 128 and a multiple of 8, got {H}"
         return None
-    if backend in ("pallas_mgpu", "pallas_mgpu_int8"):
+    if backend in ("pallas_mgpu", *LOSSY_BACKENDS):
         if platform != "gpu" or not _is_hopper(dev):
             return f"needs an sm_90 (Hopper) GPU, got {dev.device_kind}"
-        return flash_mgpu.unsupported_reason(q, q, q, int8_qk=backend == "pallas_mgpu_int8")
+        return flash_mgpu.unsupported_reason(q, q, q, int8_qk=backend in LOSSY_BACKENDS)
     if backend == "pallas_triton":
         if platform not in ("gpu", "cpu"):
             return f"needs a GPU (or CPU, interpreted), got {platform}"

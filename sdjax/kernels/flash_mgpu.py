@@ -21,6 +21,11 @@ softmax does not see it), q and k are rounded to int8 with one scale per 64-quer
 and S = Q Kᵀ runs on the int8 tensor cores (2x the bf16 rate) with the two block scales folded into the
 softmax's one FMA; P V stays bf16. Measured on an H200: 9.25 vs 10.29 ms at Wan-1.3B 480p, 0.6% rel. L2 error
 (bf16: 0.2%). An fp8 (e4m3) Q Kᵀ was faster (8.87 ms) but 4x less accurate and fragile under a key offset.
+Lossier `fp8_pv=True` on top (SageAttention2's Hopper recipe): O = P V on the fp8 tensor cores too — P packed
+from the fp32 accumulator into wgmma's 8-bit register operand without moving data between threads (its columns
+then come in FP8_PV_KEY_ORDER, and V's keys are stored in that order), V in e4m3 with one scale per head,
+transposed (keys last). 8.20 ms (128-key blocks, 4 stages) at ~4% rel. L2 on random data; the 1.3B 480p forward
+395-400 ms on an H200 against 427 with int8 Q Kᵀ alone and 462 exact (benchmarks/NOTES.md, session 5).
 
 Ragged lengths cost nothing extra: TMA zero-fills rows read past the end of q/k/v and drops rows
 written past the end of o, so nothing is padded in memory (except token counts that are not multiples of
@@ -40,6 +45,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -73,6 +79,11 @@ SHORT_KV_CONFIG = MgpuConfig(block_kv=128, overlap=True, pingpong=False)
 LONG_KV_FROM = 4096  # keys; measured points: 512 (short wins), 32,760 and 75,600 (long wins)
 
 
+# fp8 P V reads V transposed (keys last), so key blocks are whole 128-byte rows of fp8: 128 keys. Ping-pong with 4
+# stages measured 8.20 ms, 3: 8.33, 2: 8.74, without ping-pong 9.30+ (benchmarks/results/attention_fp8_sweep_h200).
+FP8_PV_CONFIG = MgpuConfig(block_kv=128, stages=4)
+
+
 def default_config(S: int) -> MgpuConfig:
     """The measured-fastest variant for S keys."""
     return LONG_KV_CONFIG if S >= LONG_KV_FROM else SHORT_KV_CONFIG
@@ -95,17 +106,24 @@ def _smem(shape, dtype):
     return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform(tile), plgpu.SwizzleTransform(128)))
 
 
-def flash_attention_mgpu(q, k, v, kv_len=None, *, config: MgpuConfig | None = None, int8_qk: bool = False):
+def flash_attention_mgpu(q, k, v, kv_len=None, *, config: MgpuConfig | None = None, int8_qk: bool = False,
+                         fp8_pv: bool = False):
     """softmax(q kᵀ / sqrt(H)) v on Hopper. q (B, T, N, H), k/v (B, S, N, H), kv_len (B,) -> (B, T, N, H).
 
-    `config` defaults to `default_config(S)`, the fastest variant measured for that many keys.
+    `config` defaults to `default_config(S)`, the fastest variant measured for that many keys (`FP8_PV_CONFIG`
+    with `fp8_pv`).
     `int8_qk` (lossy): S = Q Kᵀ on the int8 tensor cores from per-block quantized q, k (`quantize_qk_int8`).
+    `fp8_pv` (lossy, with `int8_qk`): O = P V on the fp8 tensor cores, P and V in e4m3 (`quantize_v_fp8`).
     """
-    config = default_config(k.shape[1]) if config is None else config
+    if config is None:
+        config = FP8_PV_CONFIG if fp8_pv else default_config(k.shape[1])
     if (reason := unsupported_reason(q, k, v, int8_qk)) is not None:
         raise ValueError(f"flash_attention_mgpu {reason}")
     T, S = q.shape[1], k.shape[1]
     qk_scales = None
+    if fp8_pv and (not int8_qk or config.block_kv % 128 or config.overlap):
+        raise ValueError(f"flash_attention_mgpu: fp8_pv needs int8_qk, 128-key blocks, no overlap; got {config}")
+    out_dtype = v.dtype
     if int8_qk:
         q, k, *qk_scales = quantize_qk_int8(q, k, config.block_q, config.block_kv)
     block_kv = config.block_kv
@@ -117,27 +135,34 @@ def flash_attention_mgpu(q, k, v, kv_len=None, *, config: MgpuConfig | None = No
     q = _pad_tokens(q, -(-T // 8) * 8)
     S_min = n_kv_max * block_kv if n_kv_max <= stages else -(-S // 8) * 8
     k, v = _pad_tokens(k, S_min), _pad_tokens(v, S_min)
-    out = _flash_mgpu(q, k, v, kv_len, qk_scales, S=S, stages=stages, config=config)
+    v_scale = None
+    if fp8_pv:
+        v, v_scale = quantize_v_fp8(v)
+    out = _flash_mgpu(q, k, v, kv_len, qk_scales, v_scale, S=S, stages=stages, config=config, out_dtype=out_dtype)
     return out[:, :T] if out.shape[1] != T else out
+
+
+K_MEAN_SAMPLES = 4096
 
 
 def quantize_qk_int8(q, k, block_q: int, block_kv: int):
     """q, k -> int8 with one fp32 scale per block of `block_q` query rows / `block_kv` keys and head.
 
-    SageAttention's recipe: k is first smoothed — its mean over the tokens removed, which shifts every score of a
-    query row by the same amount, so the softmax is unchanged — then q and k are rounded to int8 with their block's
-    absmax / 127 as the scale. Returns (q8, k8, q_scale (B, nq, N), k_scale (B, nk, N)); nq covers whole CTAs
-    (2 · block_q rows), so every compute warpgroup finds its scale."""
+    SageAttention's recipe: k is first smoothed — its mean over the tokens (sampled) removed, which shifts every
+    score of a query row by the same amount, so the softmax is unchanged — then q and k are rounded to int8 with
+    their block's absmax / 127 as the scale. Returns (q8, k8, q_scale (B, nq, N), k_scale (B, nk, N)); nq covers
+    whole CTAs (2 · block_q rows), so every compute warpgroup finds its scale."""
     f32 = jnp.float32
     # q and k have three readers here (mean, absmax, rounding): the barrier keeps them as the bf16 arrays their
     # producer wrote; without it XLA recomputed the q/k norm + RoPE inside each reader and wrote fp32 copies of
     # k (+15 ms a forward instead of +7, benchmarks/NOTES.md).
     q, k = jax.lax.optimization_barrier((q, k))
-    B, S, N, H = k.shape
-    # The mean over tokens as a product with ones (a GEMV at memory speed; XLA's column reduction over 32,760
-    # rows ran at ~0.4 TB/s, benchmarks/NOTES.md), accumulated in fp32.
-    mean = jnp.einsum("s,bsc->bc", jnp.ones((S,), k.dtype), k.reshape(B, S, N * H), preferred_element_type=f32)
-    k = k.astype(f32) - (mean / S).reshape(B, 1, N, H)
+    # Any per-channel vector subtracted from k leaves the softmax unchanged; the token mean makes k's int8 rounding
+    # finest. Long sequences estimate it from >= K_MEAN_SAMPLES evenly strided tokens (a common offset exactly):
+    # the full mean cost 3.9 ms a 1.3B 480p forward (a GEMV over a padded fp32 copy of k, benchmarks/NOTES.md);
+    # short ones take every token (32 samples cost the demo model ~3 dB).
+    stride = max(1, k.shape[1] // K_MEAN_SAMPLES)
+    k = k.astype(f32) - k[:, ::stride].astype(f32).mean(axis=1, keepdims=True)
 
     def per_block(x, block, n_blocks):
         B, L, N, H = x.shape
@@ -157,6 +182,74 @@ def quantize_qk_int8(q, k, block_q: int, block_kv: int):
     q8, q_scale = per_block(q, block_q, 2 * pl.cdiv(q.shape[1], 2 * block_q))
     k8, k_scale = per_block(k, block_kv, pl.cdiv(k.shape[1], block_kv))
     return q8, k8, q_scale, k_scale
+
+
+# wgmma reads an 8-bit A operand from registers as 4 consecutive columns per thread; the fp32 accumulator layout
+# gives each thread columns (2t, 2t+1) of every 8. Packing a thread's two accumulator pairs of one 16-column
+# group into one register (`_p_to_fp8`) so presents P's columns in this order to the tensor core; V's keys are
+# stored in the same order within every 16 (`quantize_v_fp8`), and P V is unchanged.
+FP8_PV_KEY_ORDER = (0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15)
+P_FP8_LOG2_SCALE = 8.0  # P is scaled by 2⁸ into e4m3's normal range (the row sum l carries it, O / l cancels it)
+
+
+def quantize_v_fp8(v):
+    """v (B, S, N, H) -> (v8 (B, N, H, S') float8_e4m3fn, scale (B, N) fp32): one absmax / 448 scale per head,
+    keys in `FP8_PV_KEY_ORDER` within each 16 and last (fp8 wgmma needs its B operand K-major); S' = S padded to
+    128 (the TMA tile of a 128-byte swizzled row). e4m3 is a float format, so a finer (per-channel) scale or V
+    smoothed (its token mean removed) changes no rounding error but the subnormals': the demo model's frames were
+    no closer with them (benchmarks/NOTES.md). The model's v carries no bias (folded past the attention)."""
+    B, S, N, H = v.shape
+    v8, scale = _fp8_per_head(_pad_tokens(v, -(-S // 128) * 128))
+    S128 = v8.shape[1]
+    # FP8_PV_KEY_ORDER as a transpose, not a gather (the gather ran at 0.33 ms a layer): key 8·half + 2·pair + e
+    # of each 16 goes to position 4·pair + 2·half + e.
+    v8 = v8.reshape(B, S128 // 16, 2, 4, 2, N, H).transpose(0, 5, 6, 1, 3, 2, 4)
+    return v8.reshape(B, N, H, S128), scale
+
+
+def _fp8_per_head(v):
+    """v (B, S, N, H) -> (e4m3 values, fp32 scale (B, N) = absmax / 448 per head)."""
+    v32 = v.astype(jnp.float32)
+    scale = jnp.maximum(jnp.abs(v32).max(axis=(1, 3)), 1e-30) / 448.0
+    return jnp.clip(v32 / scale[:, None, :, None], -448.0, 448.0).astype(jnp.float8_e4m3fn), scale
+
+
+def dequantized_v_fp8(v):
+    """The fp32 v the fp8 P V mode multiplies (for checks): e4m3 values x their head's scale."""
+    v8, scale = _fp8_per_head(v)
+    return v8.astype(jnp.float32) * scale[:, None, :, None]
+
+
+def _p_to_fp8(p):
+    """P (64, n) fp32 in the wgmma accumulator layout -> float8_e4m3fn in wgmma's 8-bit A-operand layout, without
+    moving data between threads: columns come out in `FP8_PV_KEY_ORDER` within every 16."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, llvm, vector
+    from jax.experimental import mosaic  # noqa: F401  (registers the Mosaic GPU dialects)
+    from jax.experimental.mosaic import gpu as mgpu
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,),
+                       return_type=plgpu.ShapeDtypeStruct(p.shape, jnp.float8_e4m3fn, layout=plgpu.Layout.WGMMA_8BIT))
+    def pack(_ctx, p):
+        i16, i32 = ir.IntegerType.get_signless(16), ir.IntegerType.get_signless(32)
+        f8x4 = ir.VectorType.get((4,), ir.Float8E4M3FNType.get())
+        at = lambda vec, i: vector.extract(vec, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([i]))
+
+        def two_fp8(pair):  # PTX packs its first operand into the upper byte
+            return llvm.inline_asm(i16, [at(pair, 1), at(pair, 0)], "cvt.rn.satfinite.e4m3x2.f32 $0, $1, $2;",
+                                   "=h,f,f")
+
+        regs = p.registers
+        out = np.empty((regs.shape[0], regs.shape[1] // 2, *regs.shape[2:]), dtype=object)
+        for idx in np.ndindex(out.shape):
+            lo_src = regs[(idx[0], 2 * idx[1], *idx[2:])]
+            hi_src = regs[(idx[0], 2 * idx[1] + 1, *idx[2:])]
+            lo, hi = (arith.extui(i32, two_fp8(r)) for r in (lo_src, hi_src))
+            word = arith.ori(lo, arith.shli(hi, arith.constant(i32, 16)))
+            out[idx] = vector.bitcast(f8x4, vector.broadcast(ir.VectorType.get((1,), i32), word))
+        return mgpu.FragmentedArray(_registers=out, _layout=mgpu.WGMMA_LAYOUT_8BIT, _is_signed=None)
+
+    return pack(p)
 
 
 def _per_token(scale, block: int, L: int):
@@ -180,11 +273,13 @@ def _pad_tokens(x, length: int):
     return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
 
 
-def _flash_mgpu(q, k, v, kv_len, qk_scales, *, S: int, stages: int, config: MgpuConfig):
+def _flash_mgpu(q, k, v, kv_len, qk_scales, v_scale=None, *, S: int, stages: int, config: MgpuConfig,
+                out_dtype=None):
     """The kernel proper; keys at or past S (or kv_len) are masked whatever k's padded length.
     `qk_scales` = (q_scale, k_scale) per block when q, k are int8 (`quantize_qk_int8`), else None."""
     B, T, N, H = q.shape
-    dtype = v.dtype  # of P, V and O; q/k may be int8 (S = Q Kᵀ on the int8 tensor cores)
+    fp8_pv = v_scale is not None  # v is then (B, N, H, S') float8 (`quantize_v_fp8`)
+    dtype = out_dtype or v.dtype  # of P, V and O; q/k may be int8 (S = Q Kᵀ on the int8 tensor cores)
     int8_qk = qk_scales is not None
     s_dtype = jnp.int32 if int8_qk else jnp.float32
     block_q, block_kv = config.block_q, config.block_kv
@@ -200,7 +295,7 @@ def _flash_mgpu(q, k, v, kv_len, qk_scales, *, S: int, stages: int, config: Mgpu
         kv_end = jnp.clip(kv_len_ref[b], 1, S)
         return kv_end, (kv_end + block_kv - 1) // block_kv, kv_end // block_kv
 
-    def kernel(q_ref, k_ref, v_ref, kv_len_ref, scale_refs, o_ref, scoped):
+    def kernel(q_ref, k_ref, v_ref, kv_len_ref, scale_refs, v_scale_ref, o_ref, scoped):
         qi, h, b = lax.axis_index("q"), lax.axis_index("heads"), lax.axis_index("batch")
         wg = lax.axis_index("wg")
         if int8_qk:  # logit scale of key block j: this warpgroup's q-block scale x block j's k scale
@@ -225,9 +320,10 @@ def _flash_mgpu(q, k, v, kv_len, qk_scales, *, S: int, stages: int, config: Mgpu
                 s = jnp.where(cols < kv_end - j * block_kv, s, -jnp.inf)
             m_new = jnp.maximum(m, s.max(axis=1) * scale)
             alpha = jnp.exp2(m - m_new)
-            p = jnp.exp2(s * scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            offset = m_new - P_FP8_LOG2_SCALE if fp8_pv else m_new
+            p = jnp.exp2(s * scale - lax.broadcast_in_dim(offset, s.shape, [0]))
             l = l * alpha + p.sum(axis=1)
-            return p.astype(dtype), m_new, l, alpha
+            return (_p_to_fp8(p) if fp8_pv else p.astype(dtype)), m_new, l, alpha
 
         def two_phase(q_smem, carry0):
             """Schedule without intra-warpgroup overlap: S = QKᵀ; softmax; O += PV, per block."""
@@ -255,12 +351,14 @@ def _flash_mgpu(q, k, v, kv_len, qk_scales, *, S: int, stages: int, config: Mgpu
                     plgpu.barrier_wait(sched)
 
                 def pv(o_ref):
-                    plgpu.wgmma(o_ref, p, v_smem.at[slot])
+                    plgpu.wgmma(o_ref, p, v_smem.at[slot].T if fp8_pv else v_smem.at[slot])
 
                     @pl.when(j + 1 < n_kv)
                     def _():
                         plgpu.barrier_wait(k_ready.at[lax.rem(j + 1, stages)])
 
+                # fp8 P·V accumulates in the one fp32 O too: summing each block from zero in a second accumulator
+                # (SageAttention2's two-level accumulation) changed no error and cost 9% (benchmarks/NOTES.md).
                 acc = pl.run_state(pv)(plgpu.ACC.init(acc))
                 plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m, l
@@ -338,7 +436,10 @@ def _flash_mgpu(q, k, v, kv_len, qk_scales, *, S: int, stages: int, config: Mgpu
             acc, l = run(q_smem, (acc, m, l))
             if config.pingpong:
                 pl.when(wg == 0)(sched_sync)  # balances the barrier's arrivals
-            acc = acc * lax.broadcast_in_dim(1.0 / l, acc.shape, [0])
+            inv_l = 1.0 / l
+            if fp8_pv:
+                inv_l = inv_l * v_scale_ref[b, h]
+            acc = acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])
             # Q is no longer needed: its buffer stages O for the TMA store (a buffer of its own if Q is int8)
             o_smem = o_smem2[0].at[wg] if int8_qk else q_smem
             o_smem[...] = acc.astype(dtype)
@@ -350,10 +451,14 @@ def _flash_mgpu(q, k, v, kv_len, qk_scales, *, S: int, stages: int, config: Mgpu
         def _memory():
             plgpu.set_max_registers(24 if config.overlap else 40, action="decrease")
 
+            def v_block(j):  # (block_kv, H), or (H, block_kv) of the transposed fp8 V
+                keys = pl.ds(j * block_kv, block_kv)
+                return v_ref.at[b, h, :, keys] if fp8_pv else v_ref.at[b, keys, h]
+
             def fetch(j, slot):
                 rows = (b, pl.ds(j * block_kv, block_kv), h)
                 plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_ready.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_ready.at[slot])
+                plgpu.copy_gmem_to_smem(v_block(j), v_smem.at[slot], v_ready.at[slot])
 
             for i in range(stages):
                 if isinstance(n_kv, int):  # static: the first `stages` blocks always exist (stages <= n_kv)
@@ -368,15 +473,17 @@ def _flash_mgpu(q, k, v, kv_len, qk_scales, *, S: int, stages: int, config: Mgpu
                 plgpu.barrier_wait(k_free.at[slot])
                 plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_ready.at[slot])
                 plgpu.barrier_wait(v_free.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_ready.at[slot])
+                plgpu.copy_gmem_to_smem(v_block(j + stages), v_smem.at[slot], v_ready.at[slot])
 
     def entry(q_ref, k_ref, v_ref, *rest):
         kv_len_ref, rest = (rest[0], rest[1:]) if with_kv_len else (None, rest)
-        scale_refs, (o_ref,) = (rest[:2], rest[2:]) if int8_qk else (None, rest)
+        scale_refs, rest = (rest[:2], rest[2:]) if int8_qk else (None, rest)
+        v_scale_ref, (o_ref,) = (rest[0], rest[1:]) if fp8_pv else (None, rest)
         pl.run_scoped(
-            lambda *scoped: kernel(q_ref, k_ref, v_ref, kv_len_ref, scale_refs, o_ref, scoped),
+            lambda *scoped: kernel(q_ref, k_ref, v_ref, kv_len_ref, scale_refs, v_scale_ref, o_ref, scoped),
             (_smem((2, block_q, H), q.dtype), _smem((stages, block_kv, H), k.dtype),
-             _smem((stages, block_kv, H), dtype), *([_smem((2, block_q, H), dtype)] if int8_qk else [])),
+             _smem((stages, H, block_kv) if fp8_pv else (stages, block_kv, H), v.dtype),
+             *([_smem((2, block_q, H), dtype)] if int8_qk else [])),
             (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
              plgpu.Barrier(num_barriers=2)),
             (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
@@ -385,10 +492,10 @@ def _flash_mgpu(q, k, v, kv_len, qk_scales, *, S: int, stages: int, config: Mgpu
         )
 
     args = (q, k, v) if kv_len is None else (q, k, v, kv_len.astype(jnp.int32))
-    args += tuple(qk_scales) if int8_qk else ()
+    args += (tuple(qk_scales) if int8_qk else ()) + ((v_scale,) if fp8_pv else ())
     return plgpu.kernel(
         entry,
-        out_type=jax.ShapeDtypeStruct(q.shape, dtype),  # v's dtype
+        out_type=jax.ShapeDtypeStruct(q.shape, dtype),
         # Pallas MGPU launches the last grid axis as CUDA's x (fastest): q-blocks vary fastest, so the
         # CTAs resident at once share one head's K/V in L2 (heads fastest cost 11% at 40 heads).
         grid=(B, N, pl.cdiv(T, 2 * block_q)),

@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: float32 for the embedded demo model, bfloat16 otherwise")
     g.add_argument("--attention-backend", default="auto",
                    help="auto: the fastest exact kernel measured here; or a name (sdjax.kernels.attention.BACKENDS); "
-                        "pallas_mgpu_int8 trades ~0.6%% accuracy for ~8%% speed on Hopper (int8 Q·Kᵀ)")
+                        "lossy on Hopper: pallas_mgpu_int8 (int8 Q·Kᵀ, ~8%% faster), "
+                        "pallas_mgpu_int8_fp8 (+ fp8 P·V, ~14%% faster)")
     g.add_argument("--compile-cache-dir", default=None,
                    help="JAX persistent compilation cache (default: DATA_DIR/compile-cache)")
     g.add_argument("--engine", default=os.environ.get("SDJAX_ENGINE"),

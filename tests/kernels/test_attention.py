@@ -113,14 +113,15 @@ def test_cpu_backends_and_auto():
     q = jnp.zeros((1, 8, 2, 64), jnp.bfloat16)
     assert available_backends(q) == ["xla", "pallas", "pallas_triton"]
     assert choose_backend(q, q) == "xla"  # nothing measured on CPU: the unmeasured order says xla
-    assert set(BACKENDS) == {"auto", "xla", "cudnn", "pallas", "pallas_mgpu", "pallas_mgpu_int8", "pallas_triton",
-                             "splash"}
+    assert set(BACKENDS) == {"auto", "xla", "cudnn", "pallas", "pallas_mgpu", "pallas_mgpu_int8",
+                             "pallas_mgpu_int8_fp8", "pallas_triton", "splash"}
 
 
 @pytest.mark.parametrize(("backend", "dtype", "H", "message"), [
     ("cudnn", jnp.bfloat16, 64, "needs a GPU"),
     ("pallas_mgpu", jnp.bfloat16, 64, "needs an sm_90"),
     ("pallas_mgpu_int8", jnp.bfloat16, 128, "needs an sm_90"),
+    ("pallas_mgpu_int8_fp8", jnp.bfloat16, 128, "needs an sm_90"),
     ("splash", jnp.bfloat16, 64, "needs a TPU"),
     ("pallas", jnp.float32, 64, "needs bfloat16 or float16"),
     ("pallas_triton", jnp.bfloat16, 96, "head_dim 64 and 128"),
@@ -210,3 +211,22 @@ def test_int8_qk_quantization_is_close_and_ignores_a_common_key_offset():
     # q-block (a CTA covers 128 rows) included
     np.testing.assert_allclose(q_scale[0, 4], jnp.abs(q[0, 256:]).max(axis=(0, 2)) / 127, rtol=1e-6)
     np.testing.assert_allclose(q_scale[0, 5], 1.0)
+
+
+def test_fp8_v_quantization_orders_keys_for_the_register_packed_p_and_is_close():
+    """`quantize_v_fp8` (the fp8 P V mode): e4m3 V transposed to (B, N, H, keys), keys padded to whole 128-key
+    blocks and reordered within each 16 as FP8_PV_KEY_ORDER (the column order in which the kernel hands P to the
+    tensor core); its values are `dequantized_v_fp8`'s, within e4m3's 2⁻⁴ relative rounding of v."""
+    from sdjax.kernels.flash_mgpu import FP8_PV_KEY_ORDER, dequantized_v_fp8, quantize_v_fp8
+
+    B, S, N, H = 2, 300, 3, 64
+    v = jax.random.normal(jax.random.key(1), (B, S, N, H), jnp.float32).astype(jnp.bfloat16)
+    v8, scale = quantize_v_fp8(v)
+    assert (v8.dtype, v8.shape, scale.shape) == (jnp.float8_e4m3fn, (B, N, H, 384), (B, N))
+    order = np.concatenate([16 * g + np.asarray(FP8_PV_KEY_ORDER) for g in range(384 // 16)])
+    back = np.asarray(v8.astype(jnp.float32) * scale[:, :, None, None])[..., np.argsort(order)]  # keys in order
+    deq = np.asarray(dequantized_v_fp8(v))  # (B, S, N, H)
+    np.testing.assert_array_equal(back[..., :S], deq.transpose(0, 2, 3, 1))
+    assert not back[..., S:].any()  # padded keys are zeros
+    vf = np.asarray(v, np.float32)
+    assert np.abs(deq - vf).max() <= 2.0**-4 * np.abs(vf).max() and np.linalg.norm(deq - vf) < 0.04 * np.linalg.norm(vf)

@@ -48,12 +48,25 @@ def test_mgpu_kernel_with_int8_qk_lowers_for_cuda(config, kv_len):
     assert "mosaic_gpu" in module
 
 
+@pytest.mark.parametrize("kv_len", [False, True], ids=["full", "kv_len"])
+def test_mgpu_kernel_with_int8_qk_and_fp8_pv_lowers_for_cuda(kv_len):
+    """+ O = P V on fp8 tensor cores: P packed into wgmma's 8-bit register layout (inline PTX), V transposed."""
+    module = _export(lambda q, k, v, l: flash_attention_mgpu(q, k, v, l, int8_qk=True, fp8_pv=True), "cuda",
+                     2, 1000, 777, 2, 128, kv_len)
+    assert "mosaic_gpu" in module
+    assert "cvt.rn.satfinite.e4m3x2.f32" in module
+
+
 def test_mgpu_kernel_refuses_what_it_cannot_run():
     q = jnp.zeros((1, 64, 1, 128), jnp.bfloat16)
     with pytest.raises(ValueError, match="inputs of one dtype"):
         flash_mgpu.flash_attention_mgpu(q, q, q.astype(jnp.float16))
     with pytest.raises(ValueError, match="with int8 q/k supports head_dim 128"):
         flash_mgpu.flash_attention_mgpu(q[..., :64], q[..., :64], q[..., :64], int8_qk=True)
+    with pytest.raises(ValueError, match="fp8_pv needs int8_qk"):
+        flash_mgpu.flash_attention_mgpu(q, q, q, fp8_pv=True)
+    with pytest.raises(ValueError, match="128-key blocks"):
+        flash_mgpu.flash_attention_mgpu(q, q, q, int8_qk=True, fp8_pv=True, config=MgpuConfig(block_kv=192))
 
 
 def _abstract_device(kind, platform):
