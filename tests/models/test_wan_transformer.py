@@ -235,9 +235,10 @@ def test_sharded_safetensors_with_index(tmp_path):
         load_transformer(d)
 
 
-def test_a_lossy_attention_kernel_serves_the_self_attention_only():
+@pytest.mark.parametrize("lossy", ["pallas_mgpu_int8", "pallas_mgpu_int8_fp8"])
+def test_a_lossy_attention_kernel_serves_the_self_attention_only(lossy):
     cfg = WanTransformerConfig(num_attention_heads=2, attention_head_dim=12, ffn_dim=32, num_layers=1, text_dim=32)
-    block = abstract_transformer(cfg, "bfloat16", "pallas_mgpu_int8").blocks
-    assert (block.attn1.backend, block.attn2.backend) == ("pallas_mgpu_int8", "auto")
+    block = abstract_transformer(cfg, "bfloat16", lossy).blocks
+    assert (block.attn1.backend, block.attn2.backend) == (lossy, "auto")
     block = abstract_transformer(cfg, "bfloat16", "cudnn").blocks
     assert (block.attn1.backend, block.attn2.backend) == ("cudnn", "cudnn")
