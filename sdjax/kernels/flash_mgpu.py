@@ -273,13 +273,13 @@ def _pad_tokens(x, length: int):
     return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
 
 
-def _flash_mgpu(q, k, v, kv_len, qk_scales, v_scale=None, *, S: int, stages: int, config: MgpuConfig,
-                out_dtype=None):
+def _flash_mgpu(q, k, v, kv_len, qk_scales, v_scale, *, S: int, stages: int, config: MgpuConfig, out_dtype):
     """The kernel proper; keys at or past S (or kv_len) are masked whatever k's padded length.
-    `qk_scales` = (q_scale, k_scale) per block when q, k are int8 (`quantize_qk_int8`), else None."""
+    `qk_scales` = (q_scale, k_scale) per block when q, k are int8 (`quantize_qk_int8`), else None;
+    `v_scale` = V's per-head scale when v is fp8 (`quantize_v_fp8`), else None."""
     B, T, N, H = q.shape
     fp8_pv = v_scale is not None  # v is then (B, N, H, S') float8 (`quantize_v_fp8`)
-    dtype = out_dtype or v.dtype  # of P, V and O; q/k may be int8 (S = Q Kᵀ on the int8 tensor cores)
+    dtype = out_dtype  # of O, and of P and V unless they are fp8; q/k may be int8 (Q Kᵀ on int8 tensor cores)
     int8_qk = qk_scales is not None
     s_dtype = jnp.int32 if int8_qk else jnp.float32
     block_q, block_kv = config.block_q, config.block_kv
