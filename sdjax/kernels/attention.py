@@ -14,7 +14,7 @@ Backends live behind `attention(..., backend=...)`; each declares what it suppor
 | `pallas_mgpu`   | GPU sm_90 (Hopper) | ours: Pallas Mosaic GPU, wgmma + TMA + warp specialisation         |
 | `pallas_mgpu_int8` | GPU sm_90       | the same kernel with S = Q Kᵀ on the int8 tensor cores: k smoothed, |
 |                 |                    | q and k quantized per block (SageAttention's recipe); P V in bf16.  |
-|                 |                    | Lossy (~0.6% rel. L2), opt-in: `auto` never picks it (NOTES.md)     |
+|                 |                    | Lossy (~1% rel. L2), opt-in: `auto` never picks it (NOTES.md)       |
 | `pallas_mgpu_int8_fp8` | GPU sm_90   | int8 Q Kᵀ as above and P V on the fp8 tensor cores (P, V in e4m3):   |
 |                 |                    | SageAttention2's Hopper recipe. Lossier (e4m3 keeps 3 mantissa bits: |
 |                 |                    | ~4% rel. L2 on random data), faster; opt-in like the int8 one       |

@@ -19,8 +19,9 @@ blocks with the overlap schedule for short (text) keys.
 Lossy int8 mode (`int8_qk=True`, SageAttention's recipe): k is smoothed (its mean over tokens removed — the
 softmax does not see it), q and k are rounded to int8 with one scale per 64-query / 192-key block and head,
 and S = Q Kᵀ runs on the int8 tensor cores (2x the bf16 rate) with the two block scales folded into the
-softmax's one FMA; P V stays bf16. Measured on an H200: 9.25 vs 10.29 ms at Wan-1.3B 480p, 0.6% rel. L2 error
-(bf16: 0.2%). An fp8 (e4m3) Q Kᵀ was faster (8.87 ms) but 4x less accurate and fragile under a key offset.
+softmax's one FMA; P V stays bf16. Measured on an H200: 9.25 vs 10.29 ms at Wan-1.3B 480p, 0.6-1.3% rel. L2
+error on random data (bf16: 0.2%). An fp8 (e4m3) Q Kᵀ was faster (8.87 ms) but 4x less accurate and fragile
+under a key offset.
 Lossier `fp8_pv=True` on top (SageAttention2's Hopper recipe): O = P V on the fp8 tensor cores too — P packed
 from the fp32 accumulator into wgmma's 8-bit register operand without moving data between threads (its columns
 then come in FP8_PV_KEY_ORDER, and V's keys are stored in that order), V in e4m3 with one scale per head,
