@@ -11,6 +11,8 @@ import secrets
 import sys
 from pathlib import Path
 
+from sdjax.config import ATTENTION_BACKEND_HELP
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m sdjax.generate", description=__doc__,
@@ -29,9 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="default: float32 for the demo model, bfloat16 otherwise")
     p.add_argument("--attention-backend", default="auto",
-                   help="auto: the fastest exact kernel measured here; or a name (sdjax.kernels.attention.BACKENDS); "
-                        "lossy on Hopper: pallas_mgpu_int8 (int8 Q·Kᵀ, ~8%% faster), "
-                        "pallas_mgpu_int8_fp8 (+ fp8 P·V, ~14%% faster)")
+                   help=ATTENTION_BACKEND_HELP)
     p.add_argument("--compile-cache-dir", default=None,
                    help="JAX persistent compilation cache: a second run with the same shapes compiles in seconds")
     p.add_argument("--out", default=None, help="output path (.mp4 or .png); default outputs/<seed>.mp4")

@@ -14,6 +14,8 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sdjax.config import ATTENTION_BACKEND_HELP
+
 ROLES = ("both", "api", "worker")
 BACKENDS = ("sqlite", "redis")
 
@@ -134,9 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                    help="default: float32 for the embedded demo model, bfloat16 otherwise")
     g.add_argument("--attention-backend", default="auto",
-                   help="auto: the fastest exact kernel measured here; or a name (sdjax.kernels.attention.BACKENDS); "
-                        "lossy on Hopper: pallas_mgpu_int8 (int8 Q·Kᵀ, ~8%% faster), "
-                        "pallas_mgpu_int8_fp8 (+ fp8 P·V, ~14%% faster)")
+                   help=ATTENTION_BACKEND_HELP)
     g.add_argument("--compile-cache-dir", default=None,
                    help="JAX persistent compilation cache (default: DATA_DIR/compile-cache)")
     g.add_argument("--engine", default=os.environ.get("SDJAX_ENGINE"),
