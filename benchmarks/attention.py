@@ -103,10 +103,8 @@ def card_slug(name: str) -> str:
 
 def _mgpu_config(spec: str):
     _, flash_mgpu, _ = _import_kernels()
-    bq, bkv, st, ov, pp, *extra = (int(x) for x in spec.split(":")[1].split(","))
-    bits, poly = (extra + [0, 0])[:2]
-    return flash_mgpu.MgpuConfig(block_q=bq, block_kv=bkv, stages=st, overlap=bool(ov), pingpong=bool(pp),
-                                 s_bits=bool(bits), poly_exp_cols=poly)
+    bq, bkv, st, ov, pp = (int(x) for x in spec.split(":")[1].split(","))
+    return flash_mgpu.MgpuConfig(block_q=bq, block_kv=bkv, stages=st, overlap=bool(ov), pingpong=bool(pp))
 
 
 def _best_swept(log: Path, long_kv: bool) -> str | None:

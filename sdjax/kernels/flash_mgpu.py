@@ -62,8 +62,6 @@ class MgpuConfig:
     stages: int = 2  # depth of the K/V shared-memory ring
     overlap: bool = False  # FA3 intra-warpgroup overlap of softmax with the P V matmul
     pingpong: bool = True  # alternate the two compute warpgroups' matmul phases
-    s_bits: bool = False  # int8 mode: int32 S -> fp32 by float bits (IADD) instead of I2F (experiment)
-    poly_exp_cols: int = 0  # columns of each key block whose exp2 runs as a polynomial on the FMA pipe (experiment)
 
     def __post_init__(self):
         if self.block_q % 64 or self.block_kv % 64:
@@ -255,56 +253,6 @@ def _p_to_fp8(p):
     return pack(p)
 
 
-_MAGIC = 12582912.0  # 1.5 * 2^23: adding it rounds a float to an integer in its low mantissa bits
-_EXP2_POLY = (0.9999627470970154, 0.6935868263244629, 0.242152139544487, 0.05286731570959091)  # 2^f, |f| <= 1/2
-
-
-def _exp2_split(x, poly_cols: int):
-    """2^x (64, n) fp32 in the wgmma accumulator layout: the first `poly_cols` columns of every n by a cubic on the
-    FMA pipe (Cody-Waite: 2^round(x) into the exponent bits, 2^f by the polynomial, rel. error 2.2e-4), the rest by
-    ex2.approx on the MUFU, so the two pipes share the softmax's exponentials."""
-    from jax._src.lib.mlir import ir
-    from jax._src.lib.mlir.dialects import arith, llvm, vector
-    from jax.experimental import mosaic  # noqa: F401
-    from jax.experimental.mosaic import gpu as mgpu
-
-    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,),
-                       return_type=plgpu.ShapeDtypeStruct(x.shape, jnp.float32, layout=plgpu.Layout.WGMMA))
-    def exp2(_ctx, x):
-        f32, i32 = ir.F32Type.get(), ir.IntegerType.get_signless(32)
-        regs = x.registers
-        vt = regs.flat[0].type
-        n = ir.VectorType(vt).shape[0]
-        it = ir.VectorType.get((n,), i32)
-        fc = lambda c: arith.constant(vt, ir.DenseElementsAttr.get_splat(vt, ir.FloatAttr.get(f32, c)))
-        ic = lambda c: arith.constant(it, ir.DenseElementsAttr.get_splat(it, ir.IntegerAttr.get(i32, c)))
-        at = lambda vec, i: vector.extract(vec, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([i]))
-
-        def poly(r):
-            r = arith.maximumf(r, fc(-125.0))  # keeps 2^round(x) a normal float (masked logits are -inf)
-            t = arith.addf(r, fc(_MAGIC))
-            f = arith.subf(r, arith.subf(t, fc(_MAGIC)))
-            c0, c1, c2, c3 = (fc(c) for c in _EXP2_POLY)
-            p = arith.addf(c0, arith.mulf(f, arith.addf(c1, arith.mulf(f, arith.addf(c2, arith.mulf(f, c3))))))
-            bits = arith.addi(arith.bitcast(it, p), arith.shli(arith.bitcast(it, t), ic(23)))
-            return arith.bitcast(vt, bits)
-
-        def mufu(r):
-            out = llvm.mlir_undef(vt)
-            for i in range(n):
-                e = llvm.inline_asm(f32, [at(r, i)], "ex2.approx.ftz.f32 $0, $1;", "=f,f")
-                out = vector.insert(e, out, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([i]))
-            return out
-
-        groups = poly_cols // 8  # a thread's registers cover 8-column groups along axis 1
-        out = np.empty(regs.shape, dtype=object)
-        for idx in np.ndindex(regs.shape):
-            out[idx] = poly(regs[idx]) if idx[1] < groups else mufu(regs[idx])
-        return mgpu.FragmentedArray(_registers=out, _layout=x.layout, _is_signed=None)
-
-    return exp2(x)
-
-
 def _per_token(scale, block: int, L: int):
     """Block scales (B, n_blocks, N) -> one per token (B, L, N, 1)."""
     return jnp.repeat(scale, block, axis=1)[:, :L, :, None]
@@ -366,20 +314,15 @@ def _flash_mgpu(q, k, v, kv_len, qk_scales, v_scale, *, S: int, stages: int, con
         def softmax(s, m, l, j, masked):
             """Online-softmax update for key block j: returns (P in V's dtype, m, l, alpha)."""
             scale = logit_scale(j)
-            bias = 0.0
-            if int8_qk and config.s_bits:  # |S| < 2^22: its bits + those of 1.5 * 2^23 are the float S + 1.5 * 2^23
-                s = lax.bitcast_convert_type(s + jnp.int32(0x4B400000), jnp.float32)
-                bias = _MAGIC
-            elif int8_qk:
+            if int8_qk:  # (int32 -> fp32 through a float-bits trick instead of I2F measured slower: NOTES)
                 s = s.astype(jnp.float32)
             if masked:
                 cols = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
                 s = jnp.where(cols < kv_end - j * block_kv, s, -jnp.inf)
-            m_new = jnp.maximum(m, (s.max(axis=1) - bias) * scale)
+            m_new = jnp.maximum(m, s.max(axis=1) * scale)
             alpha = jnp.exp2(m - m_new)
-            offset = (m_new - P_FP8_LOG2_SCALE if fp8_pv else m_new) + bias * scale
-            x = s * scale - lax.broadcast_in_dim(offset, s.shape, [0])
-            p = _exp2_split(x, config.poly_exp_cols) if config.poly_exp_cols else jnp.exp2(x)
+            offset = m_new - P_FP8_LOG2_SCALE if fp8_pv else m_new
+            p = jnp.exp2(s * scale - lax.broadcast_in_dim(offset, s.shape, [0]))
             l = l * alpha + p.sum(axis=1)
             return (_p_to_fp8(p) if fp8_pv else p.astype(dtype)), m_new, l, alpha
 
