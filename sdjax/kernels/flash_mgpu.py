@@ -24,9 +24,10 @@ error on random data (bf16: 0.2%). An fp8 (e4m3) Q Kᵀ was faster (8.87 ms) but
 under a key offset.
 Lossier `fp8_pv=True` on top (SageAttention2's Hopper recipe): O = P V on the fp8 tensor cores too — P packed
 from the fp32 accumulator into wgmma's 8-bit register operand without moving data between threads (its columns
-then come in FP8_PV_KEY_ORDER, and V's keys are stored in that order), V in e4m3 with one scale per head,
-transposed (keys last). 8.20 ms (128-key blocks, 4 stages) at ~4% rel. L2 on random data; the 1.3B 480p forward
-395-400 ms on an H200 against 427 with int8 Q Kᵀ alone and 462 exact (benchmarks/NOTES.md, session 5).
+then come in FP8_PV_KEY_ORDER; K's keys are stored in the inverse order, so they reach the tensor core in
+natural order), V in e4m3 with one scale per head, transposed (keys last). 8.20 ms (128-key blocks, 4 stages)
+at ~4% rel. L2 on random data; the 1.3B 480p forward 395-400 ms on an H200 against 427 with int8 Q Kᵀ alone
+and 462 exact (benchmarks/NOTES.md, session 5).
 
 Ragged lengths cost nothing extra: TMA zero-fills rows read past the end of q/k/v and drops rows
 written past the end of o, so nothing is padded in memory (except token counts that are not multiples of
@@ -127,6 +128,8 @@ def flash_attention_mgpu(q, k, v, kv_len=None, *, config: MgpuConfig | None = No
     out_dtype = v.dtype
     if int8_qk:
         q, k, *qk_scales = quantize_qk_int8(q, k, config.block_q, config.block_kv)
+        if fp8_pv:
+            k = keys_in_fp8_pv_order(k)
     block_kv = config.block_kv
     n_kv_max = pl.cdiv(S, block_kv)
     stages = min(config.stages, n_kv_max)
@@ -187,25 +190,38 @@ def quantize_qk_int8(q, k, block_q: int, block_kv: int):
 
 # wgmma reads an 8-bit A operand from registers as 4 consecutive columns per thread; the fp32 accumulator layout
 # gives each thread columns (2t, 2t+1) of every 8. Packing a thread's two accumulator pairs of one 16-column
-# group into one register (`_p_to_fp8`) so presents P's columns in this order to the tensor core; V's keys are
-# stored in the same order within every 16 (`quantize_v_fp8`), and P V is unchanged.
+# group into one register (`_p_to_fp8`) so presents P's columns to the tensor core in this order: operand
+# position i holds accumulator column FP8_PV_KEY_ORDER[i] of each 16. K's rows are stored so that accumulator
+# column c holds key FP8_PV_KEY_OF_COLUMN[c] (the inverse order, `keys_in_fp8_pv_order`): position i then holds
+# key i, and V is read in natural order. (V in this order instead was a transpose XLA ran at ~1/8 of the memory
+# rate, 0.38 ms a layer on an H100; K's reordering moves whole token rows, inside its int8 rounding pass.)
 FP8_PV_KEY_ORDER = (0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15)
+FP8_PV_KEY_OF_COLUMN = tuple(int(i) for i in np.argsort(FP8_PV_KEY_ORDER))  # (0, 1, 4, 5, 8, 9, 12, 13, 2, ...)
 P_FP8_LOG2_SCALE = 8.0  # P is scaled by 2⁸ into e4m3's normal range (the row sum l carries it, O / l cancels it)
+
+
+def keys_in_fp8_pv_order(k):
+    """k (B, S, N, H) -> (B, S16, N, H), S16 = S padded to 16 with zero keys: row 16g + c holds key
+    16g + FP8_PV_KEY_OF_COLUMN[c] — column c = 8·half + 2·pair + e holds key 4·pair + 2·half + e."""
+    B, S, N, H = k.shape
+    k = _pad_tokens(k, -(-S // 16) * 16)
+    return k.reshape(B, -1, 4, 2, 2, N, H).transpose(0, 1, 3, 2, 4, 5, 6).reshape(k.shape)
+
+
+def fp8_pv_key_of_column(c):
+    """The key index held by S's column c (an int array) when K is in `keys_in_fp8_pv_order`."""
+    half, pair, e = (c >> 3) & 1, (c >> 1) & 3, c & 1
+    return (c - (c & 15)) + 4 * pair + 2 * half + e
 
 
 def quantize_v_fp8(v):
     """v (B, S, N, H) -> (v8 (B, N, H, S') float8_e4m3fn, scale (B, N) fp32): one absmax / 448 scale per head,
-    keys in `FP8_PV_KEY_ORDER` within each 16 and last (fp8 wgmma needs its B operand K-major); S' = S padded to
-    128 (the TMA tile of a 128-byte swizzled row). e4m3 is a float format, so a finer (per-channel) scale or V
-    smoothed (its token mean removed) changes no rounding error but the subnormals': the demo model's frames were
-    no closer with them (benchmarks/NOTES.md). The model's v carries no bias (folded past the attention)."""
-    B, S, N, H = v.shape
-    v8, scale = _fp8_per_head(_pad_tokens(v, -(-S // 128) * 128))
-    S128 = v8.shape[1]
-    # FP8_PV_KEY_ORDER as a transpose, not a gather (the gather ran at 0.33 ms a layer): key 8·half + 2·pair + e
-    # of each 16 goes to position 4·pair + 2·half + e.
-    v8 = v8.reshape(B, S128 // 16, 2, 4, 2, N, H).transpose(0, 5, 6, 1, 3, 2, 4)
-    return v8.reshape(B, N, H, S128), scale
+    keys last (fp8 wgmma needs its B operand K-major); S' = S padded to 128 (the TMA tile of a 128-byte swizzled
+    row). e4m3 is a float format, so a finer (per-channel) scale or V smoothed (its token mean removed) changes no
+    rounding error but the subnormals': the demo model's frames were no closer with them (benchmarks/NOTES.md).
+    The model's v carries no bias (folded past the attention)."""
+    v8, scale = _fp8_per_head(_pad_tokens(v, -(-v.shape[1] // 128) * 128))
+    return v8.transpose(0, 2, 3, 1), scale
 
 
 def _fp8_per_head(v):
@@ -223,7 +239,8 @@ def dequantized_v_fp8(v):
 
 def _p_to_fp8(p):
     """P (64, n) fp32 in the wgmma accumulator layout -> float8_e4m3fn in wgmma's 8-bit A-operand layout, without
-    moving data between threads: columns come out in `FP8_PV_KEY_ORDER` within every 16."""
+    moving data between threads: columns come out in `FP8_PV_KEY_ORDER` within every 16 (K's rows are stored to
+    undo it, `keys_in_fp8_pv_order`)."""
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith, llvm, vector
     from jax.experimental import mosaic  # noqa: F401  (registers the Mosaic GPU dialects)
@@ -318,7 +335,8 @@ def _flash_mgpu(q, k, v, kv_len, qk_scales, v_scale, *, S: int, stages: int, con
                 s = s.astype(jnp.float32)
             if masked:
                 cols = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
-                s = jnp.where(cols < kv_end - j * block_kv, s, -jnp.inf)
+                keys = fp8_pv_key_of_column(cols) if fp8_pv else cols
+                s = jnp.where(keys < kv_end - j * block_kv, s, -jnp.inf)
             m_new = jnp.maximum(m, s.max(axis=1) * scale)
             alpha = jnp.exp2(m - m_new)
             offset = m_new - P_FP8_LOG2_SCALE if fp8_pv else m_new

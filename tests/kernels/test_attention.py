@@ -213,20 +213,44 @@ def test_int8_qk_quantization_is_close_and_ignores_a_common_key_offset():
     np.testing.assert_allclose(q_scale[0, 5], 1.0)
 
 
-def test_fp8_v_quantization_orders_keys_for_the_register_packed_p_and_is_close():
-    """`quantize_v_fp8` (the fp8 P V mode): e4m3 V transposed to (B, N, H, keys), keys padded to whole 128-key
-    blocks and reordered within each 16 as FP8_PV_KEY_ORDER (the column order in which the kernel hands P to the
-    tensor core); its values are `dequantized_v_fp8`'s, within e4m3's 2⁻⁴ relative rounding of v."""
-    from sdjax.kernels.flash_mgpu import FP8_PV_KEY_ORDER, dequantized_v_fp8, quantize_v_fp8
+def test_fp8_v_quantization_transposes_and_is_close():
+    """`quantize_v_fp8` (the fp8 P V mode): e4m3 V transposed to (B, N, H, keys) in natural key order, keys padded
+    to whole 128-key blocks; its values are `dequantized_v_fp8`'s, within e4m3's 2⁻⁴ relative rounding of v."""
+    from sdjax.kernels.flash_mgpu import dequantized_v_fp8, quantize_v_fp8
 
     B, S, N, H = 2, 300, 3, 64
     v = jax.random.normal(jax.random.key(1), (B, S, N, H), jnp.float32).astype(jnp.bfloat16)
     v8, scale = quantize_v_fp8(v)
     assert (v8.dtype, v8.shape, scale.shape) == (jnp.float8_e4m3fn, (B, N, H, 384), (B, N))
-    order = np.concatenate([16 * g + np.asarray(FP8_PV_KEY_ORDER) for g in range(384 // 16)])
-    back = np.asarray(v8.astype(jnp.float32) * scale[:, :, None, None])[..., np.argsort(order)]  # keys in order
+    back = np.asarray(v8.astype(jnp.float32) * scale[:, :, None, None])
     deq = np.asarray(dequantized_v_fp8(v))  # (B, S, N, H)
     np.testing.assert_array_equal(back[..., :S], deq.transpose(0, 2, 3, 1))
     assert not back[..., S:].any()  # padded keys are zeros
     vf = np.asarray(v, np.float32)
     assert np.abs(deq - vf).max() <= 2.0**-4 * np.abs(vf).max() and np.linalg.norm(deq - vf) < 0.04 * np.linalg.norm(vf)
+
+
+def test_fp8_pv_key_order_of_k_undoes_the_register_packing_of_p():
+    """In the fp8 P V mode the kernel hands P's accumulator columns to the tensor core in FP8_PV_KEY_ORDER (operand
+    position i <- column FP8_PV_KEY_ORDER[i] of each 16). With K stored by `keys_in_fp8_pv_order`, P (as the
+    tensor core sees it) times V in natural order is the attention with natural K; masks see the right keys."""
+    from sdjax.kernels.flash_mgpu import FP8_PV_KEY_ORDER, fp8_pv_key_of_column, keys_in_fp8_pv_order
+
+    B, S, N, H = 1, 45, 2, 8  # 45 keys: the last 16-group is ragged and padded with zero keys
+    kq, kk, kv = jax.random.split(jax.random.key(3), 3)
+    q = jax.random.normal(kq, (B, 7, N, H), jnp.float32)
+    k = jax.random.normal(kk, (B, S, N, H), jnp.float32)
+    v = jax.random.normal(kv, (B, S, N, H), jnp.float32)
+    stored = np.asarray(keys_in_fp8_pv_order(k))
+    assert stored.shape == (B, 48, N, H)
+    cols = np.arange(48)
+    keys = np.asarray(fp8_pv_key_of_column(jnp.asarray(cols)))
+    assert sorted(keys.tolist()) == list(range(48))  # a permutation within each 16
+    np.testing.assert_array_equal(keys // 16, cols // 16)
+    s = np.einsum("btnh,bsnh->bnts", np.asarray(q), stored) / np.sqrt(H)  # the kernel's S: column c is key keys[c]
+    s = np.where(keys < S, s, -np.inf)  # the kernel's mask of the last block, on key indices
+    p = np.exp(s - s.max(-1, keepdims=True))
+    operand = p[..., np.concatenate([16 * g + np.asarray(FP8_PV_KEY_ORDER) for g in range(3)])]
+    v_padded = np.pad(np.asarray(v), ((0, 0), (0, 3), (0, 0), (0, 0)))  # natural key order
+    got = np.einsum("bnts,bsnh->btnh", operand, v_padded) / operand.sum(-1).transpose(0, 2, 1)[..., None]
+    np.testing.assert_allclose(got, _exact(q, k, v), rtol=1e-5, atol=1e-5)
