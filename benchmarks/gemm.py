@@ -9,28 +9,45 @@ other) cut that traffic. This times cuBLAS (XLA's dot) and the JAX example kerne
 (`jax.experimental.pallas.ops.gpu.hopper_matmul_mgpu`) over its tuning space, at the 1.3B model's GEMM shapes
 with M = 32,768 tokens (the example needs whole cluster tiles), and checks each against cuBLAS.
 
-Host-timed, one call at a time: for 0.2-1.5 ms kernels the dispatch and sync add 0.1-0.3 ms, so rows compare with
-each other only. Inside the model (a device profile, results/profile_*_b1_NVIDIA_H200.md) cuBLAS runs the 1,536²
-GEMMs at 0.218 ms (709 TFLOP/s) and fc2 at 1.153 ms (782), against 0.37 / 1.44 ms here (benchmarks/NOTES.md).
+Device-timed: the kernels' own time from a profiler trace (sum over a call's kernels, median of 10 calls), as
+inside the model. (Host timing, this script's first form, added 0.1-0.3 ms a call at these sizes and ranked the
+kernels wrongly: benchmarks/NOTES.md, session 5.) fc1 also times what the model runs: our fused fc1 + bias + GELU
+(`sdjax.kernels.gelu_dense_mgpu`) against cuBLAS followed by XLA's bias + GELU pass.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
+import tempfile
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import timed, write_results
+from benchmarks.common import write_results
+from benchmarks.profile_step import device_kernels
 
 # (K, N) of the 1.3B block's GEMMs: fc1, fc2, one of q/k/v/o.
 SHAPES = {"fc1": (1536, 8960), "fc2": (8960, 1536), "attn": (1536, 1536)}
 
 
-def ms(fn, *args) -> float:
-    return float(np.median(timed(fn, *args, warmup=2, iters=10))) * 1e3
+def ms(fn, *args, calls: int = 10) -> float:
+    """Median device time of one call (all its kernels), from a profiler trace of `calls` calls."""
+    for _ in range(2):
+        jax.block_until_ready(fn(*args))
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            for _ in range(calls):
+                jax.block_until_ready(fn(*args))
+        kernels = [(name, us) for name, us in device_kernels(Path(tmp)) if "memset" not in name.lower()]
+    per_kernel = collections.defaultdict(list)
+    for name, us in kernels:
+        per_kernel[name].append(us)
+    # every call launches the same kernels: the median per kernel, summed
+    return sum(float(np.median(v)) for v in per_kernel.values()) / 1e3
 
 
 def main():
@@ -38,6 +55,7 @@ def main():
     p.add_argument("--shapes", default="fc1,fc2")
     p.add_argument("--m", default="32768", help="token counts, comma-separated")
     p.add_argument("--quick", action="store_true", help="the best tiles only, every grid order")
+    p.add_argument("--only-fused", action="store_true", help="fc1: cuBLAS and the fused kernels, no example sweep")
     args = p.parse_args()
     from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as hm
 
@@ -55,6 +73,42 @@ def main():
         rows.append({"shape": shape, "kernel": "cuBLAS (XLA dot)", "ms": t, "TFLOP_per_s": tflop / t * 1e3,
                      "rel_err_vs_cublas": 0.0})
         print(rows[-1], flush=True)
+        if shape.startswith("fc1"):  # what the model runs: with bias + GELU
+            from sdjax.kernels.dense import gelu_dense
+
+            b = jax.random.normal(jax.random.key(2), (N,), jnp.float32)
+            gref = np.asarray(jax.jit(lambda x, w, b: gelu_dense(x, w, b, backend="xla"))(x, w, b), np.float32)
+            for backend in ("xla", "pallas_mgpu"):
+                fn = jax.jit(lambda x, w, b, backend=backend: gelu_dense(x, w, b, backend=backend))
+                out = np.asarray(fn(x, w, b), np.float32)
+                t = ms(fn, x, w, b)
+                rows.append({"shape": shape, "kernel": f"fc1 + bias + GELU, {backend}", "ms": t,
+                             "TFLOP_per_s": tflop / t * 1e3,
+                             "rel_err_vs_cublas": float(np.linalg.norm(out - gref) / np.linalg.norm(gref))})
+                print(rows[-1], flush=True)
+            from sdjax.kernels.gelu_dense_mgpu import GeluDenseConfig, gelu_dense_mgpu
+
+            C = lambda **kw: GeluDenseConfig(cooperative=True, **kw)
+            for name, cfg in (("cooperative, 3 stages", C(stages=3)), ("cooperative, 4 stages", C(stages=4)),
+                              ("coop s3 tanh", C(stages=3, tanh_gelu=True)),
+                              ("coop s4 tanh", C(stages=4, tanh_gelu=True)),
+                              ("coop s3 tanh rows", C(stages=3, tanh_gelu=True, rows_fastest=True)),
+                              ("coop s4 tanh rows", C(stages=4, tanh_gelu=True, rows_fastest=True)),
+                              ("pingpong tanh", GeluDenseConfig(tanh_gelu=True))):
+                try:
+                    fn = jax.jit(lambda x, w, b, cfg=cfg: gelu_dense_mgpu(x, w, b, config=cfg))
+                    out = np.asarray(fn(x, w, b), np.float32)
+                    t = ms(fn, x, w, b)
+                except Exception as e:  # noqa: BLE001
+                    rows.append({"shape": shape, "kernel": f"fc1 + bias + GELU, {name}", "error": str(e)[:300]})
+                    print(rows[-1], flush=True)
+                    continue
+                rows.append({"shape": shape, "kernel": f"fc1 + bias + GELU, {name}", "ms": t,
+                             "TFLOP_per_s": tflop / t * 1e3,
+                             "rel_err_vs_cublas": float(np.linalg.norm(out - gref) / np.linalg.norm(gref))})
+                print(rows[-1], flush=True)
+        if args.only_fused:
+            continue
         if args.quick:  # the best of a first full sweep (results/gemm_NVIDIA_H200.md), every grid order
             combos = [(128, 128, D.M, D.N), (128, 128, D.N, D.M), (64, 256, D.M, None), (128, 128, D.N, D.N)]
             orders = [(D.N, 4), (D.N, 8), (D.N, 16), (D.M, 4), (D.M, 8), (D.M, 16)]

@@ -42,6 +42,9 @@ class GeluDenseConfig:
     block_k: int = 64  # reduction step (64 bf16 = one 128-byte swizzle row)
     stages: int = 4  # depth of the x / w shared-memory ring (4 and 5 measured within noise; 4 leaves smem spare)
     ctas: int | None = None  # persistent CTAs (default: the device's SM count)
+    cooperative: bool = False  # experiment: 256-row CTA tiles (both warpgroups share w), 2-CTA clusters sharing x
+    tanh_gelu: bool = False  # experiment: the epilogue's GELU through tanh.approx (one MUFU op, not two)
+    rows_fastest: bool = False  # experiment: cooperative tile order
 
     def __post_init__(self):
         if self.block_m % 64 or self.block_n % 64 or self.block_k != 64:
@@ -68,6 +71,13 @@ def gelu_tanh(y):
     return y / (1.0 + jnp.exp2(-two_u_log2e))
 
 
+def _gelu_via_tanh(y):
+    """0.5·y·(1 + tanh u): with approx math one tanh.approx (MUFU) where `gelu_tanh` spends an ex2 and a rcp."""
+    u = _GELU_C * y * (1.0 + 0.044715 * y * y)
+    half_y = 0.5 * y
+    return half_y + half_y * jnp.tanh(u)
+
+
 def _smem(shape, dtype):
     # 128-byte swizzle with (8, 64) tiles: the layout wgmma reads without bank conflicts (64 x 2 bytes).
     return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
@@ -83,7 +93,8 @@ def gelu_dense_mgpu(x, w, b, *, config: GeluDenseConfig | None = None):
     M = x2.shape[0]
     if M % 8:  # TMA boxes need whole 8-row tiles
         x2 = jnp.pad(x2, ((0, 8 - M % 8), (0, 0)))
-    out = _gelu_dense(x2, w, b.astype(jnp.float32), config)
+    impl = _gelu_dense_cooperative if config.cooperative else _gelu_dense
+    out = impl(x2, w, b.astype(jnp.float32), config)
     return out[:M].reshape(*lead, w.shape[1])
 
 
@@ -137,7 +148,8 @@ def _gelu_dense(x, w, b, config: GeluDenseConfig):
                 acc = pl.run_scoped(mainloop, plgpu.ACC((bm, bn), jnp.float32))
                 plgpu.barrier_wait(b_ready.at[wg])
                 bias = plgpu.load(b_smem.at[wg], layout=_COL)
-                y = gelu_tanh(acc + lax.broadcast_in_dim(bias, acc.shape, [1]))
+                y = acc + lax.broadcast_in_dim(bias, acc.shape, [1])
+                y = _gelu_via_tanh(y) if config.tanh_gelu else gelu_tanh(y)
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store has read o_smem
                 o_smem.at[wg][...] = y.astype(o_ref.dtype)
                 plgpu.commit_smem()
@@ -184,6 +196,92 @@ def _gelu_dense(x, w, b, config: GeluDenseConfig):
         out_type=jax.ShapeDtypeStruct((M, N), x.dtype),
         grid=(grid,),
         grid_names=("cta",),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(x, w, b)
+
+
+def _gelu_dense_cooperative(x, w, b, config: GeluDenseConfig):
+    """Both compute warpgroups share one CTA tile (2 * block_m rows x block_n columns, so one w tile feeds both)
+    and two CTAs of a cluster take neighbouring column tiles of the same rows, x multicast to both: a quarter of
+    the ping-pong kernel's L2 reads per FLOP. The epilogue no longer overlaps the other warpgroup's main loop."""
+    M, K = x.shape
+    N = w.shape[1]
+    bm, bn, bk = config.block_m, config.block_n, config.block_k
+    if N % (2 * bn):
+        raise ValueError(f"gelu_dense_mgpu cooperative: N={N} must be a multiple of {2 * bn}")
+    m_iters, n_iters = pl.cdiv(M, 2 * bm), N // (2 * bn)
+    grid = min((config.ctas or _num_sms()) // 2, m_iters * n_iters)
+    smem = lambda shape, dtype: _smem(shape, dtype)
+    ec = bn if config.stages <= 3 else 64  # epilogue chunk columns
+
+    def pipeline(body, context):
+        return plgpu.emit_pipeline_warp_specialized(
+            body, grid=(K // bk,), memory_registers=40, max_concurrent_steps=config.stages, wg_axis="wg",
+            num_compute_wgs=2, compute_context=context,
+            in_specs=[plgpu.BlockSpec((2 * bm, bk), lambda k: (0, k), transforms=smem((1,), x.dtype).transforms,
+                                      memory_space=plgpu.SMEM, collective_axes=("cluster",)),
+                      plgpu.BlockSpec((bk, bn), lambda k: (k, 0), transforms=smem((1,), w.dtype).transforms,
+                                      memory_space=plgpu.SMEM)])
+
+    def kernel(x_ref, w_ref, b_ref, o_ref):
+        ignore = lambda *_, **__: None
+
+        def scoped(allocs, o_smem, b_smem, b_ready):
+            wg, cta = lax.axis_index("wg"), lax.axis_index("cluster")
+
+            @plgpu.nd_loop((m_iters * n_iters,), collective_axes="cluster_grid")
+            def _tile(info):
+                (t,) = info.index
+                if config.rows_fastest:
+                    m_idx, n_pair = lax.rem(t, m_iters), t // m_iters
+                else:
+                    m_idx, n_pair = t // n_iters, lax.rem(t, n_iters)  # column pairs fastest: x rows shared
+                m0, n0 = m_idx * 2 * bm, (2 * n_pair + cta) * bn
+                rows = pl.ds(m0, 2 * bm)
+                cols = pl.ds(n0, bn)
+
+                def context(run):
+                    plgpu.copy_gmem_to_smem(b_ref.at[cols], b_smem.at[wg], b_ready.at[wg])
+
+                    def with_acc(acc_ref):
+                        run(acc_ref)
+                        acc = acc_ref[...]
+                        plgpu.barrier_wait(b_ready.at[wg])
+                        for c in range(bn // ec):  # column chunks: with 4 stages a whole tile's staging won't fit
+                            bias = plgpu.load(b_smem.at[wg, pl.ds(c * ec, ec)], layout=_COL)
+                            part = acc[:, c * ec:(c + 1) * ec]
+                            y = part + lax.broadcast_in_dim(bias, part.shape, [1])
+                            y = _gelu_via_tanh(y) if config.tanh_gelu else gelu_tanh(y)
+                            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                            o_smem.at[wg][...] = y.astype(o_ref.dtype)
+                            plgpu.commit_smem()
+                            plgpu.copy_smem_to_gmem(o_smem.at[wg],
+                                                    o_ref.at[pl.ds(m0 + wg * bm, bm), pl.ds(n0 + c * ec, ec)])
+
+                    pl.run_scoped(with_acc, plgpu.ACC((bm, bn), jnp.float32))
+
+                def mma(_idx, x_smem, w_smem, acc_ref):
+                    plgpu.wgmma(acc_ref, x_smem.at[pl.ds(wg * bm, bm)], w_smem)
+                    plgpu.wgmma_wait(0)
+                    return acc_ref
+
+                pipeline(mma, context)(x_ref.at[rows, :], w_ref.at[:, cols], allocations=allocs)
+
+            plgpu.wait_smem_to_gmem(0)
+
+        pl.run_scoped(scoped, pipeline(ignore, ignore).get_allocations(x_ref, w_ref),
+                      _smem((2, bm, ec), x.dtype), plgpu.SMEM((2, bn), jnp.float32),
+                      plgpu.Barrier(num_barriers=2), collective_axes="wg")
+
+    return plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((M, N), x.dtype),
+        grid=(grid,),
+        grid_names=("cluster_grid",),
+        cluster=(2,),
+        cluster_names=("cluster",),
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
