@@ -7,9 +7,10 @@
 | `pallas_mgpu` | GPU sm_90 (Hopper) | ours: bias + GELU in the GEMM's epilogue (`gelu_dense_mgpu.py`)      |
 | `auto`        |                    | `pallas_mgpu` where it runs and was measured faster, else `xla`      |
 
-Measured on an H200 (benchmarks/results/ffn_persistent*_NVIDIA_H200.md, two runs): at Wan-1.3B's 1,536 → 8,960
-the fused kernel wins (fc1 + GELU 1.95 → 1.69–1.77 ms; the forward 465 → 461 ms in both runs); at Wan-14B's
-5,120 → 13,824 cuBLAS's main loop wins (0.72–0.87×), so `auto` fuses only up to `FUSE_MAX_K` input features.
+Measured on an H200, device time (benchmarks/results/gemm_fused_fc1_coop_s6_NVIDIA_H200.md): at Wan-1.3B's
+1,536 → 8,960 the fused kernel wins (fc1 + GELU 1.56 → 1.27 ms at 32,760 tokens, 3.11 → 2.53 at 65,520); at
+Wan-14B's 5,120 → 13,824 it loses at 32,760 tokens (6.37 → 6.57; wins at 65,520, 14.18 → 13.42), so `auto` fuses
+only up to `FUSE_MAX_K` input features.
 """
 
 from __future__ import annotations

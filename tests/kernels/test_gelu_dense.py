@@ -1,8 +1,8 @@
 """gelu(x @ w + b) with bias + GELU in the GEMM epilogue (sdjax/kernels/gelu_dense_mgpu.py), against float64.
 
-The Mosaic GPU kernel runs here in Pallas's GPU interpreter (barriers, TMA copies with out-of-bounds rows and
-wgmma are simulated), so its numbers — ragged row counts included — are checked in CI; speed is measured by
-benchmarks/ffn.py on a GPU.
+The Mosaic GPU kernel runs here in Pallas's GPU interpreter (barriers, TMA copies with out-of-bounds rows, the
+cluster's multicast and wgmma are simulated), so its numbers — ragged row counts included — are checked in CI;
+speed is measured by benchmarks/gemm.py on a GPU.
 """
 
 import math
@@ -32,12 +32,12 @@ def inputs(M, K, N, seed=0):
 
 
 @pytest.mark.parametrize("M, K, N, config", [
-    # ragged rows (the second row block is mostly past the end); 4 tiles on 2 CTAs: both warpgroups take one
-    (200, 192, 256, GeluDenseConfig(stages=2, ctas=2)),
-    # 6 tiles on 3 CTAs, 4 reduction steps on a 3-slot ring: slots and barrier phases wrap across tiles
-    (256, 256, 384, GeluDenseConfig(stages=3, ctas=3)),
-    (61, 128, 256, GeluDenseConfig(block_m=64, stages=2, ctas=1)),  # rows not a multiple of 8; one CTA
-], ids=["ragged", "ring_wraps_across_tiles", "odd_rows_one_cta"])
+    # ragged rows (the CTA tile's second half is mostly past the end); one cluster, both CTAs, a 2-slot ring
+    (200, 192, 256, GeluDenseConfig(stages=2, clusters=1)),
+    # 6 tiles on 2 clusters, 4 reduction steps on a 3-slot ring: slots and barrier phases wrap across tiles
+    (600, 256, 1024, GeluDenseConfig(stages=3, clusters=2)),
+    (61, 128, 256, GeluDenseConfig(block_m=64, stages=2, clusters=1)),  # rows not a multiple of 8
+], ids=["ragged", "ring_wraps_across_tiles", "odd_rows"])
 def test_kernel_matches_float64_in_the_gpu_interpreter(M, K, N, config):
     x, w, b = inputs(M, K, N)
     with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams(detect_races=True)):  # a race raises
@@ -64,9 +64,12 @@ def test_leading_dims_and_the_xla_backend_agree():
     np.testing.assert_allclose(np.asarray(fused, np.float32), np.asarray(plain, np.float32), atol=0.05, rtol=0.02)
 
 
-def test_unsupported_inputs_and_backends_are_named():
+def test_unsupported_inputs_and_configs_are_named():
     x, w, _ = inputs(16, 96, 256)
     assert "multiple of 64" in kernel_reason(x, w)
+    assert "multiple of 256 (a cluster's columns)" in kernel_reason(*inputs(16, 128, 384)[:2])
+    with pytest.raises(ValueError, match="bytes of shared memory"):
+        GeluDenseConfig(stages=4)
     assert "Hopper" in unsupported_reason("pallas_mgpu", x, w)  # this machine has no GPU
     assert gelu_dense(x, w, jnp.zeros(256)).shape == (16, 256)  # auto falls back to XLA here
     with pytest.raises(ValueError, match="pallas_mgpu.*Hopper"):
