@@ -17,17 +17,17 @@ ping-pong for long self-attention (647 TFLOP/s at Wan-1.3B 480p vs cuDNN's 568 t
 blocks with the overlap schedule for short (text) keys.
 
 Lossy int8 mode (`int8_qk=True`, SageAttention's recipe): k is smoothed (its mean over tokens removed — the
-softmax does not see it), q and k are rounded to int8 with one scale per 64-query / 192-key block and head,
-and S = Q Kᵀ runs on the int8 tensor cores (2x the bf16 rate) with the two block scales folded into the
-softmax's one FMA; P V stays bf16. Measured on an H200: 9.25 vs 10.29 ms at Wan-1.3B 480p, 0.6-1.3% rel. L2
-error on random data (bf16: 0.2%). An fp8 (e4m3) Q Kᵀ was faster (8.87 ms) but 4x less accurate and fragile
-under a key offset.
+softmax does not see it), q is rounded to int8 with one scale per token and head, k with one per 192-key block
+and head, and S = Q Kᵀ runs on the int8 tensor cores (2x the bf16 rate) with both scales folded into the
+softmax's one FMA a logit (the q scales as a row operand); P V stays bf16. Measured on an H200: 9.25 vs 10.29 ms
+at Wan-1.3B 480p, ~1.2% rel. L2 error on random data (bf16: 0.2%). An fp8 (e4m3) Q Kᵀ was faster (8.87 ms) but
+4x less accurate and fragile under a key offset.
 Lossier `fp8_pv=True` on top (SageAttention2's Hopper recipe): O = P V on the fp8 tensor cores too — P packed
 from the fp32 accumulator into wgmma's 8-bit register operand without moving data between threads (its columns
 then come in FP8_PV_KEY_ORDER; K's keys are stored in the inverse order, so they reach the tensor core in
-natural order), V in e4m3 with one scale per head, transposed (keys last). 8.20 ms (128-key blocks, 4 stages)
-at ~4% rel. L2 on random data; the 1.3B 480p forward 395-400 ms on an H200 against 427 with int8 Q Kᵀ alone
-and 462 exact (benchmarks/NOTES.md, session 5).
+natural order), V in e4m3 with one scale per head, transposed (keys last). 7.9-8.2 ms (128-key blocks, 4 stages)
+at ~4% rel. L2 on random data; the 1.3B 480p forward 390 ms on an H200 and 397 on an H100, against 459-468
+exact (benchmarks/NOTES.md, session 6).
 
 Ragged lengths cost nothing extra: TMA zero-fills rows read past the end of q/k/v and drops rows
 written past the end of o, so nothing is padded in memory (except token counts that are not multiples of
@@ -150,41 +150,40 @@ K_MEAN_SAMPLES = 4096
 
 
 def quantize_qk_int8(q, k, block_q: int, block_kv: int):
-    """q, k -> int8 with one fp32 scale per block of `block_q` query rows / `block_kv` keys and head.
+    """q, k -> int8: q with one fp32 scale per token and head, k with one per block of `block_kv` keys and head.
 
-    SageAttention's recipe: k is first smoothed — its mean over the tokens (sampled) removed, which shifts every
-    score of a query row by the same amount, so the softmax is unchanged — then q and k are rounded to int8 with
-    their block's absmax / 127 as the scale. Returns (q8, k8, q_scale (B, nq, N), k_scale (B, nk, N)); nq covers
-    whole CTAs (2 · block_q rows), so every compute warpgroup finds its scale."""
+    SageAttention's recipe, q's scales finer: k is first smoothed — its mean over the tokens (sampled) removed,
+    which shifts every score of a query row by the same amount, so the softmax is unchanged — then q and k are
+    rounded to int8 with their row's / block's absmax / 127 as the scale (a per-row q scale costs the kernel
+    nothing: its one FMA a logit takes a row operand either way; a per-key scale would cost a multiply a logit).
+    Returns (q8, k8, q_scale (B, N, T'), k_scale (B, nk, N)); T' pads T with ones to whole CTAs (2 · block_q
+    rows), so every compute warpgroup's TMA copy of its scales stays in bounds."""
     f32 = jnp.float32
-    # q and k have three readers here (mean, absmax, rounding): the barrier keeps them as the bf16 arrays their
-    # producer wrote; without it XLA recomputed the q/k norm + RoPE inside each reader and wrote fp32 copies of
-    # k (+15 ms a forward instead of +7, benchmarks/NOTES.md).
+    B, T, N, _ = q.shape
+    # q and k have several readers here (absmax, rounding; k's mean): the barrier keeps them as the bf16 arrays
+    # their producer wrote. Without it XLA recomputes the q/k norm + RoPE inside each reader: for k it wrote fp32
+    # copies (session 4), for q its absmax reduction ran at ~0.5 TB/s (+3 ms a forward; benchmarks/NOTES.md).
     q, k = jax.lax.optimization_barrier((q, k))
+    q_scale = jnp.maximum(jnp.abs(q.astype(f32)).max(axis=-1), 1e-30) / 127.0  # (B, T, N)
+    q8 = jnp.clip(jnp.round(q.astype(f32) / q_scale[..., None]), -127, 127).astype(jnp.int8)
+    T_pad = 2 * block_q * pl.cdiv(T, 2 * block_q)
+    q_scale = jnp.pad(q_scale.transpose(0, 2, 1), ((0, 0), (0, 0), (0, T_pad - T)), constant_values=1.0)
     # Any per-channel vector subtracted from k leaves the softmax unchanged; the token mean makes k's int8 rounding
     # finest. Long sequences estimate it from >= K_MEAN_SAMPLES evenly strided tokens (a common offset exactly):
     # the full mean cost 3.9 ms a 1.3B 480p forward (a GEMV over a padded fp32 copy of k, benchmarks/NOTES.md);
     # short ones take every token (32 samples cost the demo model ~3 dB).
     stride = max(1, k.shape[1] // K_MEAN_SAMPLES)
     k = k.astype(f32) - k[:, ::stride].astype(f32).mean(axis=1, keepdims=True)
-
-    def per_block(x, block, n_blocks):
-        B, L, N, H = x.shape
-        amax = jnp.abs(x.astype(f32)).max(axis=-1)  # (B, L, N): a contiguous row reduction, then tiny ones
-        # Whole blocks and the ragged tail apart, and the unused blocks appended as ones: XLA sinks a pad of
-        # amax into the reduction above, materialising a padded fp32 copy of x (measured: benchmarks/NOTES.md).
-        whole = L // block
-        parts = [amax[:, : whole * block].reshape(B, whole, block, N).max(axis=2)]
-        if L % block:
-            parts.append(amax[:, whole * block :].max(axis=1, keepdims=True))
-        if n_blocks > -(-L // block):
-            parts.append(jnp.full((B, n_blocks - -(-L // block), N), 127.0, f32))
-        scale = jnp.maximum(jnp.concatenate(parts, axis=1), 1e-30) / 127.0  # (B, n_blocks, N)
-        x8 = jnp.clip(jnp.round(x.astype(f32) / _per_token(scale, block, L)), -127, 127).astype(jnp.int8)
-        return x8, scale
-
-    q8, q_scale = per_block(q, block_q, 2 * pl.cdiv(q.shape[1], 2 * block_q))
-    k8, k_scale = per_block(k, block_kv, pl.cdiv(k.shape[1], block_kv))
+    S = k.shape[1]
+    amax = jnp.abs(k).max(axis=-1)  # (B, S, N): a contiguous row reduction, then tiny ones
+    # Whole blocks and the ragged tail apart: XLA sinks a pad of amax into the reduction above, materialising a
+    # padded fp32 copy of k (measured: benchmarks/NOTES.md).
+    whole = S // block_kv
+    parts = [amax[:, : whole * block_kv].reshape(B, whole, block_kv, N).max(axis=2)]
+    if S % block_kv:
+        parts.append(amax[:, whole * block_kv :].max(axis=1, keepdims=True))
+    k_scale = jnp.maximum(jnp.concatenate(parts, axis=1), 1e-30) / 127.0  # (B, nk, N)
+    k8 = jnp.clip(jnp.round(k / _per_token(k_scale, block_kv, S)), -127, 127).astype(jnp.int8)
     return q8, k8, q_scale, k_scale
 
 
@@ -281,7 +280,7 @@ def dequantized_qk_int8(q, k, block_q: int | None = None, block_kv: int | None =
     config = default_config(k.shape[1])
     block_q, block_kv = block_q or config.block_q, block_kv or config.block_kv
     q8, k8, q_scale, k_scale = quantize_qk_int8(q, k, block_q, block_kv)
-    return (q8.astype(jnp.float32) * _per_token(q_scale, block_q, q.shape[1]),
+    return (q8.astype(jnp.float32) * q_scale[:, :, : q.shape[1]].transpose(0, 2, 1)[..., None],
             k8.astype(jnp.float32) * _per_token(k_scale, block_kv, k.shape[1]))
 
 
@@ -316,21 +315,20 @@ def _flash_mgpu(q, k, v, kv_len, qk_scales, v_scale, *, S: int, stages: int, con
     def kernel(q_ref, k_ref, v_ref, kv_len_ref, scale_refs, v_scale_ref, o_ref, scoped):
         qi, h, b = lax.axis_index("q"), lax.axis_index("heads"), lax.axis_index("batch")
         wg = lax.axis_index("wg")
-        if int8_qk:  # logit scale of key block j: this warpgroup's q-block scale x block j's k scale
-            q_scale = scale_refs[0][b, 2 * qi + jnp.minimum(wg, 1), h] * scale
-            logit_scale = lambda j: q_scale * scale_refs[1][b, j, h]
+        if int8_qk:  # logit scales of key block j: the rows' q scales (x log2(e)/sqrt(H)) x block j's k scale
+            logit_scale = lambda j, q_rows: q_rows * scale_refs[1][b, j, h]
         else:
-            logit_scale = lambda j: scale
-        (q_smem2, k_smem, v_smem, *o_smem2), (k_ready, v_ready, q_ready), (k_free, v_free), sched = scoped
+            logit_scale = lambda j, q_rows: scale
+        (q_smem2, k_smem, v_smem, *int8_smem), (k_ready, v_ready, q_ready, *qs_ready), (k_free, v_free), sched = scoped
         kv_end, n_kv, n_full = kv_bounds(kv_len_ref, b)
 
         def sched_sync():
             plgpu.barrier_arrive(sched)
             plgpu.barrier_wait(sched)
 
-        def softmax(s, m, l, j, masked):
+        def softmax(s, m, l, j, masked, q_rows):
             """Online-softmax update for key block j: returns (P in V's dtype, m, l, alpha)."""
-            scale = logit_scale(j)
+            scale = logit_scale(j, q_rows)
             if int8_qk:  # (int32 -> fp32 through a float-bits trick instead of I2F measured slower: NOTES)
                 s = s.astype(jnp.float32)
             if masked:
@@ -340,11 +338,14 @@ def _flash_mgpu(q, k, v, kv_len, qk_scales, v_scale, *, S: int, stages: int, con
             m_new = jnp.maximum(m, s.max(axis=1) * scale)
             alpha = jnp.exp2(m - m_new)
             offset = m_new - P_FP8_LOG2_SCALE if fp8_pv else m_new
-            p = jnp.exp2(s * scale - lax.broadcast_in_dim(offset, s.shape, [0]))
+            if int8_qk:  # one scale a row
+                p = jnp.exp2(s * lax.broadcast_in_dim(scale, s.shape, [0]) - lax.broadcast_in_dim(offset, s.shape, [0]))
+            else:
+                p = jnp.exp2(s * scale - lax.broadcast_in_dim(offset, s.shape, [0]))
             l = l * alpha + p.sum(axis=1)
             return (_p_to_fp8(p) if fp8_pv else p.astype(dtype)), m_new, l, alpha
 
-        def two_phase(q_smem, carry0):
+        def two_phase(q_smem, q_rows, carry0):
             """Schedule without intra-warpgroup overlap: S = QKᵀ; softmax; O += PV, per block."""
 
             def body(j, carry, masked):
@@ -359,7 +360,7 @@ def _flash_mgpu(q, k, v, kv_len, qk_scales, v_scale, *, S: int, stages: int, con
 
                 s = pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), s_dtype))
                 plgpu.barrier_arrive(k_free.at[slot])
-                p, m, l, alpha = softmax(s, m, l, j, masked)
+                p, m, l, alpha = softmax(s, m, l, j, masked, q_rows)
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                 # Keeps the scheduler from sinking the softmax past the barrier (as in jax's example).
                 acc, m, l, p = lax.optimization_barrier((acc, m, l, p))
@@ -387,7 +388,7 @@ def _flash_mgpu(q, k, v, kv_len, qk_scales, v_scale, *, S: int, stages: int, con
                 carry = lax.fori_loop(n_full, n_kv, functools.partial(body, masked=True), carry)
             return carry[0], carry[2]
 
-        def overlapped(q_smem, carry0):
+        def overlapped(q_smem, q_rows, carry0):
             """FA3 schedule: issue S_j = Q K_jᵀ and O += P_{j-1} V_{j-1}, softmax S_j while PV runs."""
             _, m, l = carry0
 
@@ -397,7 +398,7 @@ def _flash_mgpu(q, k, v, kv_len, qk_scales, v_scale, *, S: int, stages: int, con
 
             s = pl.run_scoped(first_qk, plgpu.ACC((block_q, block_kv), s_dtype))
             plgpu.barrier_arrive(k_free.at[0])
-            p, m, l, _ = softmax(s, m, l, 0, masked=ragged)
+            p, m, l, _ = softmax(s, m, l, 0, ragged, q_rows)
 
             def loop(o_ref):
                 def body(j, carry, masked):
@@ -413,7 +414,7 @@ def _flash_mgpu(q, k, v, kv_len, qk_scales, v_scale, *, S: int, stages: int, con
                             sched_sync()
                         s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # S_j done, PV may still run
                         plgpu.barrier_arrive(k_free.at[slot])
-                        p, m_new, l_new, alpha = softmax(s, m, l, j, masked)
+                        p, m_new, l_new, alpha = softmax(s, m, l, j, masked, q_rows)
                         o = plgpu.wgmma_accumulator_load(o_ref, wait_n=0)
                         plgpu.barrier_arrive(v_free.at[prev])
                         o_ref[...] = o * lax.broadcast_in_dim(alpha, o.shape, [0])
@@ -444,6 +445,12 @@ def _flash_mgpu(q, k, v, kv_len, qk_scales, v_scale, *, S: int, stages: int, con
             q_smem = q_smem2.at[wg]
             q_base = (2 * qi + wg) * block_q
             plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_base, block_q), h], q_smem, q_ready.at[wg])
+            q_rows = None
+            if int8_qk:  # this warpgroup's rows' q scales, one per row in the softmax's row layout
+                qs_smem = int8_smem[1].at[wg]
+                plgpu.copy_gmem_to_smem(scale_refs[0].at[b, h, pl.ds(q_base, block_q)], qs_smem, qs_ready[0].at[wg])
+                plgpu.barrier_wait(qs_ready[0].at[wg])
+                q_rows = plgpu.load(qs_smem, layout=_ROW) * scale
             plgpu.barrier_wait(q_ready.at[wg])
             m = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), _ROW)
             l = plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), _ROW)
@@ -452,7 +459,7 @@ def _flash_mgpu(q, k, v, kv_len, qk_scales, v_scale, *, S: int, stages: int, con
             if config.pingpong:
                 pl.when(wg == 1)(sched_sync)  # offsets warpgroup 1 by one phase
             run = overlapped if config.overlap else two_phase
-            acc, l = run(q_smem, (acc, m, l))
+            acc, l = run(q_smem, q_rows, (acc, m, l))
             if config.pingpong:
                 pl.when(wg == 0)(sched_sync)  # balances the barrier's arrivals
             inv_l = 1.0 / l
@@ -460,7 +467,7 @@ def _flash_mgpu(q, k, v, kv_len, qk_scales, v_scale, *, S: int, stages: int, con
                 inv_l = inv_l * v_scale_ref[b, h]
             acc = acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])
             # Q is no longer needed: its buffer stages O for the TMA store (a buffer of its own if Q is int8)
-            o_smem = o_smem2[0].at[wg] if int8_qk else q_smem
+            o_smem = int8_smem[0].at[wg] if int8_qk else q_smem
             o_smem[...] = acc.astype(dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, pl.ds(q_base, block_q), h])
@@ -502,9 +509,9 @@ def _flash_mgpu(q, k, v, kv_len, qk_scales, v_scale, *, S: int, stages: int, con
             lambda *scoped: kernel(q_ref, k_ref, v_ref, kv_len_ref, scale_refs, v_scale_ref, o_ref, scoped),
             (_smem((2, block_q, H), q.dtype), _smem((stages, block_kv, H), k.dtype),
              _smem((stages, H, block_kv) if fp8_pv else (stages, block_kv, H), v.dtype),
-             *([_smem((2, block_q, H), dtype)] if int8_qk else [])),
+             *([_smem((2, block_q, H), dtype), plgpu.SMEM((2, block_q), jnp.float32)] if int8_qk else [])),
             (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
-             plgpu.Barrier(num_barriers=2)),
+             plgpu.Barrier(num_barriers=2), *([plgpu.Barrier(num_barriers=2)] if int8_qk else [])),
             (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
             plgpu.Barrier(num_arrivals=2),
             collective_axes="wg",

@@ -206,11 +206,14 @@ def test_int8_qk_quantization_is_close_and_ignores_a_common_key_offset():
     shifted = err(_exact(*dequantized_qk_int8(q, k + 20.0 * jax.random.normal(kv, (1, 1, N, H)), 64, 128), v))
     assert plain < 2e-2 and shifted < 2e-2
     q8, k8, q_scale, k_scale = quantize_qk_int8(q, k, 64, 128)
-    assert (q8.dtype, k8.dtype, q_scale.shape, k_scale.shape) == (jnp.int8, jnp.int8, (B, 6, N), (B, 4, N))
-    # the scales are each block's absmax / 127, the ragged tail (300 = 4 · 64 + 44 rows) and the unused sixth
-    # q-block (a CTA covers 128 rows) included
-    np.testing.assert_allclose(q_scale[0, 4], jnp.abs(q[0, 256:]).max(axis=(0, 2)) / 127, rtol=1e-6)
-    np.testing.assert_allclose(q_scale[0, 5], 1.0)
+    assert (q8.dtype, k8.dtype, q_scale.shape, k_scale.shape) == (jnp.int8, jnp.int8, (B, N, 384), (B, 4, N))
+    # q: one scale a token and head (absmax / 127), heads first, padded with ones to whole 128-row CTAs;
+    # k: one a 128-key block and head, the ragged tail (500 = 3 · 128 + 116 keys) included, after the smoothing
+    np.testing.assert_allclose(q_scale[0, :, :T], (jnp.abs(q[0]).max(axis=-1) / 127).T, rtol=1e-6)
+    np.testing.assert_allclose(q_scale[0, :, T:], 1.0)
+    smoothed = k - k.mean(axis=1, keepdims=True)
+    np.testing.assert_allclose(k_scale[0, 3], jnp.abs(smoothed[0, 384:]).max(axis=(0, 2)) / 127, rtol=1e-5)
+    assert int(jnp.abs(q8).max()) == 127 and int(jnp.abs(k8).max()) == 127
 
 
 def test_fp8_v_quantization_transposes_and_is_close():
