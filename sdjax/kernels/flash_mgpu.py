@@ -190,18 +190,17 @@ def quantize_qk_int8(q, k, block_q: int, block_kv: int):
 # wgmma reads an 8-bit A operand from registers as 4 consecutive columns per thread; the fp32 accumulator layout
 # gives each thread columns (2t, 2t+1) of every 8. Packing a thread's two accumulator pairs of one 16-column
 # group into one register (`_p_to_fp8`) so presents P's columns to the tensor core in this order: operand
-# position i holds accumulator column FP8_PV_KEY_ORDER[i] of each 16. K's rows are stored so that accumulator
-# column c holds key FP8_PV_KEY_OF_COLUMN[c] (the inverse order, `keys_in_fp8_pv_order`): position i then holds
-# key i, and V is read in natural order. (V in this order instead was a transpose XLA ran at ~1/8 of the memory
+# position i holds accumulator column FP8_PV_KEY_ORDER[i] of each 16. K's rows are stored in the inverse order
+# (`keys_in_fp8_pv_order`; column c then holds key `fp8_pv_key_of_column(c)`): position i holds key i, and V is
+# read in natural order. (V in this order instead was a transpose XLA ran at ~1/8 of the memory
 # rate, 0.38 ms a layer on an H100; K's reordering moves whole token rows, inside its int8 rounding pass.)
 FP8_PV_KEY_ORDER = (0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15)
-FP8_PV_KEY_OF_COLUMN = tuple(int(i) for i in np.argsort(FP8_PV_KEY_ORDER))  # (0, 1, 4, 5, 8, 9, 12, 13, 2, ...)
 P_FP8_LOG2_SCALE = 8.0  # P is scaled by 2⁸ into e4m3's normal range (the row sum l carries it, O / l cancels it)
 
 
 def keys_in_fp8_pv_order(k):
     """k (B, S, N, H) -> (B, S16, N, H), S16 = S padded to 16 with zero keys: row 16g + c holds key
-    16g + FP8_PV_KEY_OF_COLUMN[c] — column c = 8·half + 2·pair + e holds key 4·pair + 2·half + e."""
+    16g + σ(c), σ the inverse of FP8_PV_KEY_ORDER — c = 8·half + 2·pair + e holds key 4·pair + 2·half + e."""
     B, S, N, H = k.shape
     k = _pad_tokens(k, -(-S // 16) * 16)
     return k.reshape(B, -1, 4, 2, 2, N, H).transpose(0, 1, 3, 2, 4, 5, 6).reshape(k.shape)

@@ -11,7 +11,7 @@ which ran at ~660 TFLOP/s, benchmarks/NOTES.md):
   - a CTA's tile is 2 · block_m rows × block_n columns: its two compute warpgroups take block_m rows each and
     share one w tile;
   - two CTAs of a cluster take neighbouring column tiles of the same rows, and each x tile is multicast to both;
-  - warpgroup 3 of each CTA issues the TMA copies into a `stages`-deep ring (Pallas's warp-specialized
+  - the third warpgroup of each CTA issues the TMA copies into a `stages`-deep ring (Pallas's warp-specialized
     pipeline, which also releases multicast slots across the cluster); the CTAs are persistent and walk the
     tiles column pairs fastest, so consecutive tiles reuse x rows.
 The epilogue (bias, GELU as 0.5·y·(1 + tanh u) — one tanh.approx on the MUFU with approx math — bf16, TMA store)
@@ -78,11 +78,7 @@ def gelu_tanh(y):
     return half_y + half_y * jnp.tanh(_GELU_C * y * (1.0 + 0.044715 * y * y))
 
 
-def _smem(shape, dtype):
-    # 128-byte swizzle with (8, 64) tiles: the layout wgmma reads without bank conflicts (64 x 2 bytes).
-    return plgpu.SMEM(shape, dtype, transforms=_SWIZZLED)
-
-
+# 128-byte swizzle with (8, 64) tiles: the layout wgmma reads without bank conflicts (64 x 2 bytes).
 _SWIZZLED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
 
@@ -157,7 +153,7 @@ def _gelu_dense(x, w, b, config: GeluDenseConfig):
 
         unused = lambda *_, **__: None  # the allocations do not depend on the bodies
         pl.run_scoped(scoped, pipeline(unused, unused).get_allocations(x_ref, w_ref),
-                      _smem((2, bm, bn), x.dtype), plgpu.SMEM((2, bn), jnp.float32),
+                      plgpu.SMEM((2, bm, bn), x.dtype, transforms=_SWIZZLED), plgpu.SMEM((2, bn), jnp.float32),
                       plgpu.Barrier(num_barriers=2), collective_axes="wg")
 
     return plgpu.kernel(
