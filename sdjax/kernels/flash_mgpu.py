@@ -337,10 +337,8 @@ def _flash_mgpu(q, k, v, kv_len, qk_scales, v_scale, *, S: int, stages: int, con
             m_new = jnp.maximum(m, s.max(axis=1) * scale)
             alpha = jnp.exp2(m - m_new)
             offset = m_new - P_FP8_LOG2_SCALE if fp8_pv else m_new
-            if int8_qk:  # one scale a row
-                p = jnp.exp2(s * lax.broadcast_in_dim(scale, s.shape, [0]) - lax.broadcast_in_dim(offset, s.shape, [0]))
-            else:
-                p = jnp.exp2(s * scale - lax.broadcast_in_dim(offset, s.shape, [0]))
+            scales = lax.broadcast_in_dim(scale, s.shape, [0]) if int8_qk else scale  # one a row, or one for all
+            p = jnp.exp2(s * scales - lax.broadcast_in_dim(offset, s.shape, [0]))
             l = l * alpha + p.sum(axis=1)
             return (_p_to_fp8(p) if fp8_pv else p.astype(dtype)), m_new, l, alpha
 
