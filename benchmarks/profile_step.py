@@ -1,11 +1,15 @@
-"""Where a Wan DiT forward spends its GPU time: kernels grouped by kind, from a profiler trace.
+"""Where a Wan generation spends its GPU time: kernels grouped by kind, from a profiler trace.
 
-    python benchmarks/profile_step.py [--model wan2.1-t2v-1.3b] [--res 480p] [--batch 1]
+    python benchmarks/profile_step.py [--target forward|step|decode] [--model wan2.1-t2v-1.3b] [--res 480p]
+                                      [--batch 1] [--backend auto]
 
-Traces a few forwards (bf16, random weights) with `jax.profiler`, reads the Perfetto trace it writes, and
-sums device time per kernel: attention (our Pallas kernel or cuDNN), GEMMs (cuBLAS / cuBLASLt), XLA fusions
-(element-wise and reductions: norms, modulation, RoPE, GELU, residuals) and the rest. Writes the table and
-the optimised HLO (to map fusion names to what they compute) next to the other results.
+Targets: `forward` (the DiT alone), `step` (one denoising step as the pipeline runs it: CFG batch of 2·batch,
+UniPC update, the jitted `loop.denoise_step`), `decode` (the VAE decode to frames, as the pipeline runs it).
+Traces a few calls (bf16, random weights) with `jax.profiler`, reads the Perfetto trace it writes, and sums
+device time per kernel: attention (our Pallas kernel or cuDNN), GEMMs (cuBLAS / cuBLASLt), convolutions,
+XLA fusions (element-wise and reductions: norms, modulation, RoPE, GELU, residuals) and the rest. Also times
+the same calls on the host clock: wall time minus kernel time is what the device sat idle (launch gaps).
+Writes the table and the optimised HLO (to map fusion names to what they compute) next to the other results.
 """
 
 from __future__ import annotations
@@ -21,15 +25,21 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-from benchmarks.common import RESULTS, card_name, random_like, write_results
+from benchmarks.common import RESULTS, card_name, random_like, timed, write_results
 from benchmarks.dit_step import RES, TEXT_LEN
 from sdjax.config import ModelConfig
 from sdjax.models.wan.loading import abstract_transformer
 from sdjax.models.wan.transformer import WanTransformerConfig
+from sdjax.models.wan.vae import COMPILER_OPTIONS, AutoencoderKLWan, WanVAEConfig
+from sdjax.pipeline import _to_frames
+from sdjax.sampling import loop, solvers
 
 KINDS = (  # first match wins; kernel names as the profiler reports them
-    ("attention", re.compile(r"mosaic|flash|attention|fmha|cudnn|sdpa", re.I)),
+    ("attention", re.compile(r"mosaic|flash|attention|fmha|sdpa", re.I)),
+    ("conv", re.compile(r"conv(?!ert)|implicit_gemm|fprop|dgrad|wgrad", re.I)),
     ("gemm", re.compile(r"gemm|xmma|cutlass|cublas|sm90_|nvjet|triton_gemm", re.I)),
     ("fusion", re.compile(r"fusion|reduce|loop_|input_|transpose|convert|copy|concatenate|slice", re.I)),
 )
@@ -54,49 +64,82 @@ def device_kernels(trace_dir: Path) -> list[tuple[str, float]]:
             if e.get("ph") == "X" and e.get("pid") in gpu_pids and "dur" in e]
 
 
+def build(target: str, model_name: str, res: str, batch: int, backend: str):
+    """(jitted fn, its args, a one-line description) for the target."""
+    mcfg = ModelConfig.named(model_name)
+    h, w = RES[res]
+    key = jax.random.key(1)
+    x = jax.random.normal(key, (batch, 16, 21, h // 8, w // 8), jnp.float32)
+    if target == "decode":
+        vae_cfg = WanVAEConfig.from_dict(mcfg.vae)
+        vae = random_like(nnx.eval_shape(lambda: AutoencoderKLWan(vae_cfg, dtype=jnp.bfloat16)), scale=0.05)
+        fn = jax.jit(lambda v, z: _to_frames(v.decode(v.denormalize_latents(z))), compiler_options=COMPILER_OPTIONS)
+        return fn, (vae, x[:1]), "VAE decode of 21 latent frames to 81 RGB frames (bf16)"
+    cfg = WanTransformerConfig.from_dict(mcfg.transformer)
+    dit = random_like(abstract_transformer(cfg, "bfloat16", backend))
+    ctx = jax.random.normal(key, (batch, TEXT_LEN, cfg.text_dim), jnp.float32)
+    if target == "forward":
+        fn = jax.jit(lambda m, x, t, c: m(x, t, c))
+        return fn, (dit, x, jnp.full((batch,), 500.0), ctx), f"DiT forward, B={batch}"
+    schedule = jax.tree.map(jnp.asarray, solvers.make_schedule("unipc", 50, 3.0).padded(100))
+    state = loop.init_state("unipc", x)
+    guidance = jnp.float32(5.0)
+
+    def step(m, state, i):
+        return loop.denoise_step(m, state, i, schedule, ctx, ctx, guidance, solver="unipc", do_cfg=True)
+
+    # The step donates its state: feed each call the previous call's output, as the pipeline does.
+    holder = {"state": state}
+
+    def call(m, i):
+        holder["state"] = step(m, holder["state"], i)
+        return holder["state"].latents
+
+    return call, (dit, jnp.int32(10)), f"denoising step (CFG: DiT batch {2 * batch}, UniPC), latents B={batch}"
+
+
 def main():
     p = argparse.ArgumentParser()
+    p.add_argument("--target", default="forward", choices=("forward", "step", "decode"))
     p.add_argument("--model", default="wan2.1-t2v-1.3b")
     p.add_argument("--res", default="480p", choices=sorted(RES))
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--forwards", type=int, default=3)
+    p.add_argument("--calls", type=int, default=3)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--backend", default="auto", help="attention backend")
     args = p.parse_args()
-    cfg = WanTransformerConfig.from_dict(ModelConfig.named(args.model).transformer)
-    h, w = RES[args.res]
-    model = random_like(abstract_transformer(cfg, "bfloat16", args.backend))
-    key = jax.random.key(1)
-    x = jax.random.normal(key, (args.batch, 16, 21, h // 8, w // 8), jnp.float32)
-    t = jnp.full((args.batch,), 500.0)
-    ctx = jax.random.normal(key, (args.batch, TEXT_LEN, cfg.text_dim), jnp.float32)
-    compiled = jax.jit(lambda m, x, t, c: m(x, t, c)).lower(model, x, t, ctx).compile()
-    for _ in range(2):
-        jax.block_until_ready(compiled(model, x, t, ctx))
+    fn, fargs, what = build(args.target, args.model, args.res, args.batch, args.backend)
+    wall_s = float(np.median(timed(fn, *fargs, warmup=2, iters=5)))
 
     with tempfile.TemporaryDirectory() as tmp:
         with jax.profiler.trace(tmp, create_perfetto_trace=True):
-            for _ in range(args.forwards):
-                jax.block_until_ready(compiled(model, x, t, ctx))
+            for _ in range(args.calls):
+                jax.block_until_ready(fn(*fargs))
         kernels = device_kernels(Path(tmp))
     per_name = collections.defaultdict(lambda: [0.0, 0])
     for name, us in kernels:
-        per_name[name][0] += us / args.forwards / 1e3
+        per_name[name][0] += us / args.calls / 1e3
         per_name[name][1] += 1
     per_kind = collections.Counter()
     for name, (ms, _) in per_name.items():
         per_kind[kind_of(name)] += ms
     total = sum(per_kind.values())
-    rows = [{"kind": k, "name": "(all)", "ms_per_forward": ms, "share": ms / total} for k, ms in per_kind.most_common()]
+    rows = [{"kind": k, "name": "(all)", "ms_per_call": ms, "share": ms / total} for k, ms in per_kind.most_common()]
+    rows.append({"kind": "idle", "name": "host wall time per call minus kernel time", "ms_per_call":
+                 wall_s * 1e3 - total})
     for name, (ms, n) in sorted(per_name.items(), key=lambda kv: -kv[1][0])[: args.top]:
-        rows.append({"kind": kind_of(name), "name": name[:90], "ms_per_forward": ms, "share": ms / total,
-                     "calls_per_forward": n / args.forwards})
-    stem = f"profile_{args.model}_{args.res}_b{args.batch}" + ("" if args.backend == "auto" else f"_{args.backend}")
-    write_results(stem, rows, f"Device time per forward by kernel, {args.forwards} forwards traced; total "
-                              f"{total:.1f} ms of kernels (bf16, random weights).")
+        rows.append({"kind": kind_of(name), "name": name[:90], "ms_per_call": ms, "share": ms / total,
+                     "calls_per_call": n / args.calls})
+    stem = (f"profile_{args.model}_{args.res}_b{args.batch}" + ("" if args.target == "forward" else f"_{args.target}")
+            + ("" if args.backend == "auto" else f"_{args.backend}"))
+    write_results(stem, rows, f"{what}: device time per call by kernel, {args.calls} calls traced; "
+                              f"{total:.1f} ms of kernels, {wall_s * 1e3:.1f} ms a call on the host clock (median "
+                              f"of 5; bf16, random weights).")
     out_dir = Path(os.environ.get("OUT") or RESULTS)
     card = card_name().split(" x")[0].replace(" ", "_")
-    (out_dir / f"{stem}_{card}_hlo.txt.gz").write_bytes(gzip.compress(compiled.as_text().encode()))
+    if hasattr(fn, "lower"):
+        hlo = fn.lower(*fargs).compile().as_text()
+        (out_dir / f"{stem}_{card}_hlo.txt.gz").write_bytes(gzip.compress(hlo.encode()))
 
 
 if __name__ == "__main__":

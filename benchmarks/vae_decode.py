@@ -1,6 +1,6 @@
 """Wan VAE decode on one GPU: sdjax (fp32 / bf16, latent frames per scan step) against diffusers.
 
-    python benchmarks/vae_decode.py [--sizes 480x832,720x1280] [--per-step 1,3] [--no-diffusers]
+    python benchmarks/vae_decode.py [--sizes 480x832,720x1280] [--per-step 1,3] [--layouts nhwc,xla] [--no-diffusers]
 
 Random weights (real architecture), 81 frames (21 latent frames). Reports seconds and peak memory.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import os
 import time
 
@@ -21,13 +22,13 @@ from flax import nnx
 
 from benchmarks.common import random_like, timed, torch_timing, write_results
 from sdjax.config import ModelConfig
-from sdjax.models.wan.vae import AutoencoderKLWan, WanVAEConfig
+from sdjax.models.wan.vae import COMPILER_OPTIONS, AutoencoderKLWan, WanVAEConfig
 
 
-def bench_sdjax(cfg, h, w, dtype, per_step):
+def bench_sdjax(cfg, h, w, dtype, per_step, options):
     vae = random_like(nnx.eval_shape(lambda: AutoencoderKLWan(cfg, dtype=dtype)), scale=0.05)
     z = jax.random.normal(jax.random.key(0), (1, cfg.z_dim, 21, h // 8, w // 8), jnp.float32)
-    fn = jax.jit(lambda v, z: v.decode(z, latent_frames_per_step=per_step))
+    fn = jax.jit(lambda v, z: v.decode(z, latent_frames_per_step=per_step), compiler_options=options)
     t0 = time.perf_counter()
     compiled = fn.lower(vae, z).compile()
     compile_s = time.perf_counter() - t0
@@ -59,24 +60,28 @@ def main():
     p.add_argument("--sizes", default="480x832,720x1280")
     p.add_argument("--no-diffusers", action="store_true")
     p.add_argument("--per-step", default="1,3", help="latent frames per scan step to time")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--layouts", default="nhwc", help="comma-separated: nhwc (the pipeline's COMPILER_OPTIONS), "
+                                                      "xla (XLA's own conv layouts)")
     args = p.parse_args()
     cfg = WanVAEConfig.from_dict(ModelConfig.named("wan2.1-t2v-1.3b").vae)
     rows = []
     for size in args.sizes.split(","):
         h, w = map(int, size.split("x"))
-        for dtype in ("float32", "bfloat16"):
-            for per_step in map(int, args.per_step.split(",")):
-                s, c, need = bench_sdjax(cfg, h, w, jnp.dtype(dtype), per_step)
-                row = {"size": f"{w}x{h}x81", "dtype": dtype, "latents_per_step": per_step, "sdjax_s": s,
-                       "compile_s": c, "xla_buffers_GiB": need}
-                if per_step == 1 and not args.no_diffusers:
-                    try:
-                        d, peak = bench_diffusers(cfg, h, w, dtype)
-                        row.update(diffusers_s=d, diffusers_peak_GiB=peak, speedup=d / s)
-                    except Exception as e:
-                        row["diffusers_error"] = f"{type(e).__name__}: {str(e)[:60]}"
-                rows.append(row)
-                print(row, flush=True)
+        for dtype, layout, per_step in itertools.product(args.dtypes.split(","), args.layouts.split(","),
+                                                     map(int, args.per_step.split(","))):
+            options = COMPILER_OPTIONS if layout == "nhwc" else None
+            s, c, need = bench_sdjax(cfg, h, w, jnp.dtype(dtype), per_step, options)
+            row = {"size": f"{w}x{h}x81", "dtype": dtype, "conv_layout": layout, "latents_per_step": per_step,
+                   "sdjax_s": s, "compile_s": c, "xla_buffers_GiB": need}
+            if per_step == 1 and layout == "nhwc" and not args.no_diffusers:
+                try:
+                    d, peak = bench_diffusers(cfg, h, w, dtype)
+                    row.update(diffusers_s=d, diffusers_peak_GiB=peak, speedup=d / s)
+                except Exception as e:
+                    row["diffusers_error"] = f"{type(e).__name__}: {str(e)[:60]}"
+            rows.append(row)
+            print(row, flush=True)
     write_results("vae_decode", rows, "Wan VAE decode, random weights, 81 frames (21 latent frames), B=1.")
 
 

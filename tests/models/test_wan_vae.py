@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from sdjax.models.wan.vae import AutoencoderKLWan, WanVAEConfig, load_vae
+from sdjax.models.wan.vae import COMPILER_OPTIONS, AutoencoderKLWan, WanVAEConfig, load_vae
 from sdjax.models.weights import WeightsError
 from tests.conftest import FIXTURES, rel_l2
 
@@ -121,6 +121,18 @@ def test_jit_forms(models):
     lowered = jax.jit(lambda st, z: nnx.merge(graphdef, st).decode(z)).lower(state, z)
     assert "while" in lowered.as_text()  # the latent frames after the first are a lax.scan
     assert nnx.jit(lambda m, z: m.decode(z)).eval_shape(model, z).shape == (1, 3, 9, 16, 24)
+
+
+def test_compiler_options_change_no_number(models):
+    """The pipeline compiles the VAE with `COMPILER_OPTIONS` (channels-last 3-D convs on GPU): this XLA must
+    know every option (an unknown one is an error at compile time), and on CPU they change nothing."""
+    model = models["wan_vae_tiny", "float32"]
+    z = jnp.asarray(io("wan_vae_tiny")["decode_z"])
+    options = {**COMPILER_OPTIONS, "xla_backend_optimization_level": 0}
+    with_options = jax.jit(lambda m, z: m.decode(z), compiler_options=options)(model, z)
+    np.testing.assert_array_equal(f32(with_options), f32(decode(model, z)))
+    with pytest.raises(Exception, match="no_such_option"):
+        jax.jit(lambda m, z: m.decode(z), compiler_options={"xla_gpu_no_such_option": True})(model, z)
 
 
 def test_shapes_at_real_size():

@@ -40,6 +40,12 @@ WAN21_LATENTS_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0
 ENCODE_CHUNK_FRAMES = 4
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
+# Compile whatever runs the VAE with these. XLA's GPU layout assignment keeps channels last only for 2-D
+# convolutions; the 3-D ones get NCDHW, so cuDNN's tensor-core kernels (channels last) transpose every
+# operand in and out: a quarter of a 480p decode (938 -> 699 ms of kernels on an H200, benchmarks/NOTES.md).
+# GPU-only option; other backends ignore it.
+COMPILER_OPTIONS = {"xla_gpu_force_conv_nhwc": True}
+
 
 # ----------------------------------------------------------------------------------------------- config
 
