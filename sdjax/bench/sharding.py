@@ -268,7 +268,7 @@ def bench_vae(vae_cfg: dict, device_counts: list[int], latent_shape, *, iters: i
     from flax import nnx
 
     from sdjax.config import SystemConfig
-    from sdjax.models.wan.vae import AutoencoderKLWan, WanVAEConfig
+    from sdjax.models.wan.vae import COMPILER_OPTIONS, AutoencoderKLWan, WanVAEConfig
     from sdjax.sharding import make_mesh
     from sdjax.sharding import vae as pvae
 
@@ -283,7 +283,7 @@ def bench_vae(vae_cfg: dict, device_counts: list[int], latent_shape, *, iters: i
                     else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
         values = random_leaves(leaves, [sharding] * len(leaves), seed=0, std=0.05)
         vae = nnx.merge(graphdef, jax.tree.unflatten(treedef, values))
-        dec = jax.jit(lambda v, z, mesh=mesh: pvae.decode(v, z, mesh))
+        dec = jax.jit(lambda v, z, mesh=mesh: pvae.decode(v, z, mesh), compiler_options=COMPILER_OPTIONS)
         t0 = time.perf_counter()
         compiled = dec.lower(vae, z).compile()
         compile_s = time.perf_counter() - t0
