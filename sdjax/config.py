@@ -47,6 +47,15 @@ class ModelDefaults:
     negative_prompt: str = ""
     solver: str = "unipc"
     cache: dict = field(default_factory=lambda: {"policy": "none", "threshold": 0.0})
+    # The threshold a request gets when it names a cache policy but no threshold: published or measured for
+    # this model's weights. A policy missing here needs an explicit threshold (no silent no-op, no guess).
+    cache_thresholds: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for policy, threshold in self.cache_thresholds.items():
+            CacheParams(policy, threshold)  # the model yaml is validated like a request
+            if policy == "none":
+                _fail("cache_thresholds", policy, f"keys among {', '.join(CACHE_POLICIES[1:])}")
 
 
 @dataclass(frozen=True)
@@ -179,13 +188,8 @@ class UserParams:
             import secrets
 
             seed = secrets.randbits(31)
-        if cache is None:
-            cache = CacheParams(**d.cache)
-        elif isinstance(cache, dict):
-            unknown = sorted(set(cache) - {"policy", "threshold"})
-            if unknown:
-                raise ConfigError(f"unknown cache field(s) {unknown}; allowed: ['policy', 'threshold']")
-            cache = CacheParams(**{**d.cache, **cache})
+        if cache is None or isinstance(cache, dict):
+            cache = _cache_params(d, cache or {})
         params = cls(prompt=prompt, seed=seed, cache=cache, **values)
         params.check_limits(lim)
         return params
@@ -209,6 +213,27 @@ class UserParams:
 ATTENTION_BACKEND_HELP = ("auto: the fastest exact kernel measured here; or a name (sdjax.kernels.attention.BACKENDS); "
                           "lossy on Hopper: pallas_mgpu_int8 (int8 Q·Kᵀ, ~8%% faster), "
                           "pallas_mgpu_int8_fp8 (+ fp8 P·V, ~14%% faster)")
+
+
+def _cache_params(d: ModelDefaults, cache: dict) -> CacheParams:
+    """A request's cache dict -> CacheParams. Absent fields: the model's default policy; for the threshold, the
+    default's own when the policy is the default one, else the model's recommended one for that policy."""
+    unknown = sorted(set(cache) - {"policy", "threshold"})
+    if unknown:
+        raise ConfigError(f"unknown cache field(s) {unknown}; allowed: ['policy', 'threshold']")
+    policy = cache.get("policy", d.cache["policy"])
+    if "threshold" in cache:
+        return CacheParams(policy, cache["threshold"])
+    if policy == d.cache["policy"]:
+        return CacheParams(policy, d.cache.get("threshold", 0.0))
+    if policy == "none":
+        return CacheParams(policy, 0.0)
+    if policy in d.cache_thresholds:
+        return CacheParams(policy, d.cache_thresholds[policy])
+    CacheParams(policy)  # an unknown policy: its own error first
+    recommended = ", ".join(f"{k}: {v}" for k, v in d.cache_thresholds.items()) or "none"
+    _fail("cache.threshold", None, f"a number >= 0, required with cache.policy={policy!r}: this model has no "
+                                   f"recommended threshold for it (recommended ones: {recommended})")
 
 
 @dataclass(frozen=True)

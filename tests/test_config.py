@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from sdjax.config import CacheParams, ConfigError, ModelConfig, SystemConfig
+from sdjax.config import CacheParams, ConfigError, ModelConfig, ModelDefaults, SystemConfig
 
 
 @pytest.fixture
@@ -58,6 +58,29 @@ def test_cache_param(model):
         model.user_params(prompt="x", cache={"threshold": -1})
     with pytest.raises(ConfigError, match="unknown cache field"):
         model.user_params(prompt="x", cache={"thresh": 1})
+
+
+def test_cache_policy_without_threshold_gets_the_models_recommended_one(model):
+    assert model.user_params(prompt="x", cache={"policy": "teacache"}).cache == CacheParams("teacache", 0.08)
+    assert ModelConfig.named("wan2.1-t2v-14b").user_params(prompt="x", cache={"policy": "teacache"}).cache == \
+        CacheParams("teacache", 0.2)
+    with pytest.raises(ConfigError, match=r"cache.threshold=None .*cache.policy='fbcache'.*teacache: 0.08"):
+        model.user_params(prompt="x", cache={"policy": "fbcache"})  # nothing published for Wan: must be given
+    assert model.user_params(prompt="x", cache={"policy": "fbcache", "threshold": 0.05}).cache.threshold == 0.05
+    demo = ModelConfig.named("sdjax-demo")  # default static 2.0; a policy alone never inherits that threshold
+    assert demo.user_params(prompt="x").cache == CacheParams("static", 2.0)
+    assert demo.user_params(prompt="x", cache={"policy": "teacache"}).cache == CacheParams("teacache", 0.08)
+    assert demo.user_params(prompt="x", cache={"threshold": 3}).cache == CacheParams("static", 3)
+    assert demo.user_params(prompt="x", cache={"policy": "none"}).cache == CacheParams("none", 0.0)
+
+
+@pytest.mark.parametrize(("thresholds", "field"), [({"magic": 0.1}, "cache.policy"),
+                                                    ({"teacache": -1}, "cache.threshold"),
+                                                    ({"none": 0.0}, "cache_thresholds")])
+def test_model_yaml_cache_thresholds_are_validated(thresholds, field):
+    with pytest.raises(ConfigError, match=field):
+        ModelDefaults(num_inference_steps=8, guidance_scale=5.0, flow_shift=3.0, height=32, width=48,
+                      num_frames=5, fps=8, max_sequence_length=16, cache_thresholds=thresholds)
 
 
 def test_system_config_validates_and_is_frozen():

@@ -17,8 +17,9 @@ Status = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
 
 class CacheSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    policy: Literal[CACHE_POLICIES] = "none"
-    threshold: float = Field(0.0, ge=0, le=1e6, allow_inf_nan=False)
+    policy: Literal[CACHE_POLICIES] | None = Field(None, description="absent: the model's default policy")
+    threshold: float | None = Field(None, ge=0, le=1e6, allow_inf_nan=False,
+                                    description="absent: the model's recommended threshold for the policy")
 
 
 class _Generation(BaseModel):

@@ -23,7 +23,7 @@ import numpy as np
 from sdjax.config import ModelConfig, ModelDefaults, ModelLimits
 
 DEFAULTS = ModelDefaults(num_inference_steps=8, guidance_scale=5.0, flow_shift=3.0, height=32, width=48,
-                         num_frames=5, fps=8, max_sequence_length=16)
+                         num_frames=5, fps=8, max_sequence_length=16, cache_thresholds={"teacache": 0.1})
 LIMITS = ModelLimits(frame_multiple=4, spatial_multiple=16, max_frames=33, max_height=256, max_width=256,
                      max_steps=200)
 PATCH = 8  # latent pixels per frame pixel side

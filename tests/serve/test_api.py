@@ -111,6 +111,7 @@ def test_seconds_size_and_defaults(alice):
     ({"prompt": "x" * 300}, "prompt"),
     ({"model": "another-model"}, "model"),
     ({"cache": {"policy": "magic"}}, "cache.policy"),
+    ({"cache": {"policy": "fbcache"}}, "cache.threshold"),  # no recommended threshold for it: must be given
     ({"guidance_scale": -1}, "guidance_scale"),
     ({"bogus_field": 1}, "bogus_field"),
     ({"prompt": ""}, "prompt"),
@@ -120,6 +121,15 @@ def test_limits_answer_422_naming_the_field(alice, body, param):
     assert r.status_code == 422, r.text
     err = r.json()["error"]
     assert err["param"] == param and param.split(".")[-1] in err["message"]
+
+
+def test_cache_policy_alone_gets_the_models_recommended_threshold(alice):
+    job = create_video(alice, prompt="cached", cache={"policy": "teacache"}, num_inference_steps=2)
+    assert job["cache"] == {"policy": "teacache", "threshold": 0.1}
+    job = create_video(alice, prompt="cached", cache={"policy": "teacache", "threshold": None}, num_inference_steps=2)
+    assert job["cache"] == {"policy": "teacache", "threshold": 0.1}  # null reads as absent
+    job = create_video(alice, prompt="cached", cache={"policy": "teacache", "threshold": 0.3}, num_inference_steps=2)
+    assert job["cache"] == {"policy": "teacache", "threshold": 0.3}
 
 
 def test_body_size_limit(alice):
