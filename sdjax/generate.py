@@ -11,7 +11,7 @@ import secrets
 import sys
 from pathlib import Path
 
-from sdjax.config import ATTENTION_BACKEND_HELP
+from sdjax.config import ATTENTION_BACKEND_HELP, CACHE_POLICIES
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -28,6 +28,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--frames", type=int, default=None, help="num_frames, 4k+1 (1 writes a PNG)")
     p.add_argument("--shift", type=float, default=None, help="flow shift (default: the model's)")
     p.add_argument("--solver", default=None, choices=["unipc", "euler"])
+    p.add_argument("--cache", default=None, choices=CACHE_POLICIES,
+                   help="feature-cache policy (default: the model's)")
+    p.add_argument("--cache-threshold", type=float, default=None,
+                   help="the policy's threshold (default: the model's recommended one for the policy)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="default: float32 for the demo model, bfloat16 otherwise")
     p.add_argument("--attention-backend", default="auto",
@@ -39,6 +43,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     add_args(p)  # --cfg-parallel / --ulysses / --ring and the multi-host flags
     return p.parse_args(argv)
+
+
+def _cache_arg(args) -> dict | None:
+    cache = {"policy": args.cache, "threshold": args.cache_threshold}
+    return {k: v for k, v in cache.items() if v is not None} or None
 
 
 def main(argv=None) -> int:
@@ -63,7 +72,8 @@ def main(argv=None) -> int:
                 else Pipeline.from_pretrained(args.model, system=system))
         result = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height,
                       width=args.width, num_frames=args.frames, num_inference_steps=args.steps,
-                      guidance_scale=args.guidance, seed=args.seed, flow_shift=args.shift, solver=args.solver)
+                      guidance_scale=args.guidance, seed=args.seed, flow_shift=args.shift, solver=args.solver,
+                      cache=_cache_arg(args))
     except (ConfigError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -77,7 +87,10 @@ def main(argv=None) -> int:
         return 0  # every host computed the video; process 0 writes it
     path = media.save(frames, out, fps=pipe.config.defaults.fps, metadata=result.info["params"])
     t = result.info["timings"]
-    print(f"text encode {t['text_encode_s']:.2f} s | denoise {t['denoise_s']:.2f} s | decode {t['decode_s']:.2f} s")
+    computed = result.info["steps_computed"]
+    steps = computed + result.info["steps_skipped"]
+    print(f"text encode {t['text_encode_s']:.2f} s | denoise {t['denoise_s']:.2f} s ({computed} of {steps} steps "
+          f"computed) | decode {t['decode_s']:.2f} s")
     print(f"wrote {path.resolve()} ({len(frames)} frames, {frames.shape[2]}x{frames.shape[1]}, "
           f"seed {result.info['seed']})")
     return 0

@@ -82,9 +82,11 @@ def test_cli_writes_mp4_with_metadata(tmp_path):
     out = tmp_path / "v.mp4"
     proc = subprocess.run([sys.executable, "-m", "sdjax.generate", "--model", str(ROOT), "--prompt", "a red circle",
                            "--steps", "2", "--height", "32", "--width", "32", "--frames", "5", "--seed", "3",
-                           "--dtype", "float32", "--out", str(out)], capture_output=True, text=True, timeout=300)
+                           "--dtype", "float32", "--cache", "teacache", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "denoise" in proc.stderr  # the progress bar
+    assert "steps computed" in proc.stdout
     assert "wrote" in proc.stdout and "decode" in proc.stdout
     from sdjax.media import read_video
 
@@ -98,6 +100,7 @@ def test_cli_writes_mp4_with_metadata(tmp_path):
 
     meta = read_metadata(out)
     assert meta["seed"] == 3 and meta["num_inference_steps"] == 2 and meta["prompt"] == "a red circle"
+    assert meta["cache"] == {"policy": "teacache", "threshold": 0.08}  # the model's recommended threshold
 
 
 def test_cli_png_for_one_frame_and_clear_errors(tmp_path):
@@ -116,6 +119,9 @@ def test_cli_png_for_one_frame_and_clear_errors(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "sdjax.generate", "--model", str(ROOT), "--prompt", "a cat",
                           "--frames", "6"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "num_frames" in bad.stderr and "Traceback" not in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "sdjax.generate", "--model", str(ROOT), "--prompt", "a cat",
+                          "--cache-threshold", "-1"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "cache.threshold" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_steps_shift_and_guidance_change_without_recompiling(pipe):
