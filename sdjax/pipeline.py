@@ -35,7 +35,7 @@ from sdjax.models.tokenizer import encode_prompts, load_tokenizer, prompt_clean,
 from sdjax.models.umt5 import load_text_encoder
 from sdjax.models.wan.loading import load_transformer
 from sdjax.models.wan.transformer import WanTransformerConfig
-from sdjax.models.wan import vae as vae_lib
+from sdjax.models.wan.vae import COMPILER_OPTIONS as VAE_COMPILER_OPTIONS
 from sdjax.models.wan.vae import load_vae
 from sdjax.models.weights import WeightsError, read_config
 from sdjax.sampling import cache, loop, solvers
@@ -117,7 +117,7 @@ class Pipeline:
         parallel_vae.shard_vae(vae, self.mesh)
         self._encode = jax.jit(lambda enc, ids, mask: enc(ids, mask))
         self._decode = jax.jit(lambda v, z: _to_frames(parallel_vae.decode(v, v.denormalize_latents(z), self.mesh)),
-                               compiler_options=vae_lib.COMPILER_OPTIONS)
+                               compiler_options=VAE_COMPILER_OPTIONS)
 
     # ------------------------------------------------------------------ construction
 

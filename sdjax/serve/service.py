@@ -124,9 +124,9 @@ class Service:
         try:
             params = UserParams.for_model(
                 model_config_from_info(info), prompt=req.prompt, seed=req.seed,
-                cache=req.cache.model_dump(exclude_none=True) if req.cache else None, negative_prompt=req.negative_prompt,
-                num_inference_steps=steps, guidance_scale=req.guidance_scale, height=h, width=w,
-                num_frames=frames, flow_shift=req.flow_shift, solver=req.solver)
+                cache=req.cache.model_dump(exclude_none=True) if req.cache else None,
+                negative_prompt=req.negative_prompt, num_inference_steps=steps, guidance_scale=req.guidance_scale,
+                height=h, width=w, num_frames=frames, flow_shift=req.flow_shift, solver=req.solver)
         except ConfigError as e:
             raise _config_error(e) from None
         return {**dataclasses.asdict(params), "fps": fps}, info
