@@ -124,6 +124,7 @@ def test_limits_answer_422_naming_the_field(alice, body, param):
 
 
 def test_cache_policy_alone_gets_the_models_recommended_threshold(alice):
+    assert alice.get("/v1/models").json()["data"][0]["defaults"]["cache_thresholds"] == {"teacache": 0.1}
     job = create_video(alice, prompt="cached", cache={"policy": "teacache"}, num_inference_steps=2)
     assert job["cache"] == {"policy": "teacache", "threshold": 0.1}
     job = create_video(alice, prompt="cached", cache={"policy": "teacache", "threshold": None}, num_inference_steps=2)
