@@ -63,6 +63,7 @@ def main():
     p.add_argument("--psnr-vs-exact", action="store_true",
                    help="a lossy attention backend: also generate each run with exact attention (same weights and "
                         "seed) and report the frames' PSNR against it")
+    p.add_argument("--tag", default="", help="suffix of the result file name (runs in one call must not share one)")
     args = p.parse_args()
     t0 = time.perf_counter()
     pipe = build(args.model, args.backend)
@@ -90,7 +91,8 @@ def main():
         if exact is not None:
             rows[-1]["psnr_dB_vs_exact_attention"] = psnr(r.frames, exact(PROMPT, **run).frames)
         print(rows[-1], flush=True)
-    write_results("e2e", rows, f"bf16, random weights, {jax.devices()[0].device_kind}; cache as listed.")
+    write_results("e2e" + (f"_{args.tag}" if args.tag else ""), rows,
+                  f"bf16, random weights, {jax.devices()[0].device_kind}; cache as listed.")
 
 
 if __name__ == "__main__":

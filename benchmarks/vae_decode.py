@@ -63,6 +63,7 @@ def main():
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--layouts", default="nhwc", help="comma-separated: nhwc (the pipeline's COMPILER_OPTIONS), "
                                                       "xla (XLA's own conv layouts)")
+    p.add_argument("--tag", default="", help="suffix of the result file name (runs in one call must not share one)")
     args = p.parse_args()
     cfg = WanVAEConfig.from_dict(ModelConfig.named("wan2.1-t2v-1.3b").vae)
     rows = []
@@ -82,7 +83,8 @@ def main():
                     row["diffusers_error"] = f"{type(e).__name__}: {str(e)[:60]}"
             rows.append(row)
             print(row, flush=True)
-    write_results("vae_decode", rows, "Wan VAE decode, random weights, 81 frames (21 latent frames), B=1.")
+    write_results("vae_decode" + (f"_{args.tag}" if args.tag else ""), rows,
+                  "Wan VAE decode, random weights, 81 frames (21 latent frames), B=1.")
 
 
 if __name__ == "__main__":
