@@ -35,8 +35,9 @@ def bench_sdjax(cfg, h, w, dtype, per_step, options):
     mem = compiled.memory_analysis()
     need = (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes) / 2**30
     s = float(np.median(timed(compiled, vae, z, warmup=1, iters=3)))
+    video = np.asarray(compiled(vae, z), np.float32)  # same seed, same weights for every layout: comparable
     del vae
-    return s, compile_s, need
+    return s, compile_s, need, video
 
 
 def bench_diffusers(cfg, h, w, dtype):
@@ -66,15 +67,20 @@ def main():
     p.add_argument("--tag", default="", help="suffix of the result file name (runs in one call must not share one)")
     args = p.parse_args()
     cfg = WanVAEConfig.from_dict(ModelConfig.named("wan2.1-t2v-1.3b").vae)
-    rows = []
+    rows, videos = [], {}
     for size in args.sizes.split(","):
         h, w = map(int, size.split("x"))
         for dtype, layout, per_step in itertools.product(args.dtypes.split(","), args.layouts.split(","),
                                                      map(int, args.per_step.split(","))):
             options = COMPILER_OPTIONS if layout == "nhwc" else None
-            s, c, need = bench_sdjax(cfg, h, w, jnp.dtype(dtype), per_step, options)
+            s, c, need, video = bench_sdjax(cfg, h, w, jnp.dtype(dtype), per_step, options)
             row = {"size": f"{w}x{h}x81", "dtype": dtype, "conv_layout": layout, "latents_per_step": per_step,
                    "sdjax_s": s, "compile_s": c, "xla_buffers_GiB": need}
+            # The layouts change only the convolution algorithms cuDNN picks: the frames may differ by rounding.
+            first = videos.setdefault((size, dtype, per_step), video)
+            if first is not video:
+                row["max_abs_vs_first_layout"] = float(np.abs(video - first).max())
+                row["rel_l2_vs_first_layout"] = float(np.linalg.norm(video - first) / np.linalg.norm(first))
             if per_step == 1 and layout == "nhwc" and not args.no_diffusers:
                 try:
                     d, peak = bench_diffusers(cfg, h, w, dtype)
