@@ -72,6 +72,53 @@ def torch_timing(fn, *, warmup: int = 2, iters: int = 5) -> tuple[float, float]:
     return float(np.median(out)), torch.cuda.max_memory_allocated() / 2**30
 
 
+class GpuSampler:
+    """GPU 0's SM clock and board power, sampled by nvidia-smi every `period_ms` while inside the `with` block.
+
+    The cards run power-capped under sustained load (benchmarks/NOTES.md), so a long run's speed depends on its
+    clock; `summary()` says what it was: {sm_clock_MHz, sm_clock_MHz_min, power_W, samples} ({} without
+    nvidia-smi, e.g. on CPU)."""
+
+    def __init__(self, period_ms: int = 500):
+        self.period_ms = period_ms
+        self.proc = None
+        self.text = ""
+
+    def __enter__(self):
+        try:
+            self.proc = subprocess.Popen(
+                ["nvidia-smi", "--id=0", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits",
+                 f"-lms={self.period_ms}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        except OSError:
+            self.proc = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc is not None:
+            self.proc.terminate()
+            self.text, _ = self.proc.communicate(timeout=10)
+        return False
+
+    def summary(self) -> dict:
+        return clock_power_summary(self.text)
+
+
+def clock_power_summary(text: str) -> dict:
+    """nvidia-smi's "clocks.sm, power.draw" csv lines (no header, no units) -> means, min clock, sample count."""
+    samples = []
+    for line in text.splitlines():
+        try:
+            mhz, watts = (float(v) for v in line.split(","))
+        except ValueError:
+            continue  # "[N/A]" fields or a line cut off when the sampler stopped
+        samples.append((mhz, watts))
+    if not samples:
+        return {}
+    mhz, watts = np.asarray(samples).T
+    return {"sm_clock_MHz": float(mhz.mean()), "sm_clock_MHz_min": float(mhz.min()), "power_W": float(watts.mean()),
+            "samples": len(samples)}
+
+
 def peak_gib() -> float | None:
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")

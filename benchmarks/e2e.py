@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from benchmarks.cache import psnr
-from benchmarks.common import peak_gib, random_like, write_results
+from benchmarks.common import GpuSampler, peak_gib, random_like, write_results
 from sdjax.config import ModelConfig, SystemConfig
 from sdjax.models.tokenizer import load_tokenizer
 from sdjax.models.umt5 import UMT5Config, UMT5Encoder
@@ -79,7 +79,8 @@ def main():
         policy, _, threshold = c.partition(":")  # no threshold: the model's recommended one for the policy
         cache = {"policy": policy, **({"threshold": float(threshold)} if threshold else {})}
         run = dict(num_inference_steps=steps, progress=False, cache=cache, **kw)
-        r = pipe(PROMPT, **run)
+        with GpuSampler() as gpu:  # the clock a 50-step run holds (power-capped cards slow down under load)
+            r = pipe(PROMPT, **run)
         t = r.info["timings"]
         rows.append({"model": args.model, "size": f"{args.width}x{args.height}x{args.frames}", "steps": steps,
                      "cache": f"{r.info['params']['cache']['policy']}:{r.info['params']['cache']['threshold']:g}",
@@ -87,7 +88,8 @@ def main():
                      "text_encode_s": t["text_encode_s"], "denoise_s": t["denoise_s"],
                      "per_step_s": t["denoise_s"] / steps, "decode_s": t["decode_s"],
                      "total_s": sum(t.values()), "warmup_compile_s": warm_s, "build_s": build_s,
-                     "peak_GiB": peak_gib(), "frames_finite": bool((r.frames == r.frames).all())})
+                     "peak_GiB": peak_gib(), "frames_finite": bool((r.frames == r.frames).all()),
+                     **gpu.summary()})
         if exact is not None:
             rows[-1]["psnr_dB_vs_exact_attention"] = psnr(r.frames, exact(PROMPT, **run).frames)
         print(rows[-1], flush=True)
