@@ -116,8 +116,7 @@ class Pipeline:
         self.mesh = None if parallel is None else parallel.mesh
         parallel_vae.shard_vae(vae, self.mesh)
         self._encode = jax.jit(lambda enc, ids, mask: enc(ids, mask))
-        self._decode = jax.jit(lambda v, z: _to_frames(parallel_vae.decode(v, v.denormalize_latents(z), self.mesh)),
-                               compiler_options=VAE_COMPILER_OPTIONS)
+        self._decode = jit_decode_frames(self.mesh)
 
     # ------------------------------------------------------------------ construction
 
@@ -269,6 +268,13 @@ class Pipeline:
         info = {"model": self.config.name, "seed": params.seed, "params": _public(params), "timings": timings,
                 "steps_computed": cache_stats["steps_computed"], "steps_skipped": cache_stats["steps_skipped"]}
         return GenerationResult(frames, info)
+
+
+def jit_decode_frames(mesh=None):
+    """`fn(vae, latents) -> frames (F, H, W, 3)` in [0, 1]: stage 3 as the pipeline compiles it (channels-last convs,
+    the width split over `mesh` when given); benchmarks time this same function."""
+    return jax.jit(lambda v, z: _to_frames(parallel_vae.decode(v, v.denormalize_latents(z), mesh)),
+                   compiler_options=VAE_COMPILER_OPTIONS)
 
 
 def _to_frames(video):
