@@ -45,8 +45,7 @@ SHAPES = {  # name: (B, T, S, N, H, dtype, kv_len or None)
     "tiny_cpu": (2, 200, 150, 2, 64, "bfloat16", 100),  # a smoke test of this script on CPU
 }
 DEFAULT_SHAPES = [s for s in SHAPES if s != "tiny_cpu"]
-# Kernel-config variants timed by --sweep, per shape: mgpu[_int8]:block_q,block_kv,stages,overlap,pingpong[,slack]
-# (slack: MgpuConfig.rescale_slack, lazy O rescaling; absent = rescale every block) and
+# Kernel-config variants timed by --sweep, per shape: mgpu[_int8]:block_q,block_kv,stages,overlap,pingpong and
 # triton:block_q,block_k,num_warps,num_stages (cuDNN first as the same-process baseline).
 SWEEP = {
     "wan1.3b_480p": ("cudnn", "mgpu:64,192,2,0,1", "mgpu:64,128,2,1,0", "mgpu:64,192,2,1,0",
@@ -104,9 +103,8 @@ def card_slug(name: str) -> str:
 
 def _mgpu_config(spec: str):
     _, flash_mgpu, _ = _import_kernels()
-    bq, bkv, st, ov, pp, *slack = spec.split(":")[1].split(",")
-    return flash_mgpu.MgpuConfig(block_q=int(bq), block_kv=int(bkv), stages=int(st), overlap=bool(int(ov)),
-                                 pingpong=bool(int(pp)), rescale_slack=float(slack[0]) if slack else None)
+    bq, bkv, st, ov, pp = (int(x) for x in spec.split(":")[1].split(","))
+    return flash_mgpu.MgpuConfig(block_q=bq, block_kv=bkv, stages=st, overlap=bool(ov), pingpong=bool(pp))
 
 
 def _best_swept(log: Path, long_kv: bool) -> str | None:
@@ -298,7 +296,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=",".join(DEFAULT_SHAPES), help="comma list of: " + ", ".join(SHAPES))
     ap.add_argument("--backends", default=",".join(DEFAULT_BACKENDS),
-                    help="comma list, or ';' list with kernel variants (mgpu:64,192,2,0,1,8;cudnn)")
+                    help="comma list, or ';' list with kernel variants (mgpu:64,192,2,0,1;cudnn)")
     ap.add_argument("--sweep", action="store_true", help="first time the kernel-config variants of SWEEP")
     ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--timeout", type=int, default=240, help="seconds per shape subprocess")

@@ -119,22 +119,6 @@ def clock_power_summary(text: str) -> dict:
             "samples": len(samples)}
 
 
-def set_rescale_slack(value: str | None) -> None:
-    """A/B of the attention kernel's lazy O rescaling in this benchmark process: `value` ("none" or log2 units)
-    replaces `rescale_slack` of the long-key and fp8 kernel configs (None: leave the library's defaults)."""
-    if value is None:
-        return
-    import dataclasses
-
-    from sdjax.kernels import flash_mgpu
-
-    slack = None if value == "none" else float(value)
-    flash_mgpu.LONG_KV_CONFIG = dataclasses.replace(flash_mgpu.LONG_KV_CONFIG, rescale_slack=slack)
-    # fp8 P V takes no stale max (P would leave e4m3's range): only "every block" or a skip when none moved
-    fp8_slack = None if slack is None else 0.0
-    flash_mgpu.FP8_PV_CONFIG = dataclasses.replace(flash_mgpu.FP8_PV_CONFIG, rescale_slack=fp8_slack)
-
-
 def peak_gib() -> float | None:
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import peak_gib, random_like, set_rescale_slack, timed, torch_timing, write_results
+from benchmarks.common import peak_gib, random_like, timed, torch_timing, write_results
 from sdjax.config import ModelConfig
 from sdjax.models.wan.loading import abstract_transformer
 from sdjax.models.wan.transformer import WanTransformerConfig
@@ -86,9 +86,7 @@ def main():
     p.add_argument("--backend", default="auto")
     p.add_argument("--no-diffusers", action="store_true")
     p.add_argument("--tag", default="", help="suffix of the result file name (e.g. warm_cache)")
-    p.add_argument("--rescale-slack", help="attention kernel A/B: 'none' or log2 units (default: the library's)")
     args = p.parse_args()
-    set_rescale_slack(args.rescale_slack)
     rows = []
     for case in args.cases.split(","):
         name, (h, w), B = parse_case(case)

@@ -63,17 +63,12 @@ class MgpuConfig:
     stages: int = 2  # depth of the K/V shared-memory ring
     overlap: bool = False  # FA3 intra-warpgroup overlap of softmax with the P V matmul
     pingpong: bool = True  # alternate the two compute warpgroups' matmul phases
-    # Lazy O rescaling (exact): a row keeps its running max until a block raises it by more than this many
-    # log2 units, and a warp skips O *= alpha when none of its rows moved. None: rescale every block.
-    rescale_slack: float | None = None
 
     def __post_init__(self):
         if self.block_q % 64 or self.block_kv % 64:
             raise ValueError(f"MgpuConfig: block_q and block_kv must be multiples of 64, got {self}")
         if self.stages < 2:
             raise ValueError(f"MgpuConfig: stages must be >= 2, got {self.stages}")
-        if self.rescale_slack is not None and not 0 <= self.rescale_slack <= 16:
-            raise ValueError(f"MgpuConfig: rescale_slack must be None or in [0, 16], got {self.rescale_slack}")
 
 
 # Measured on an H200 (benchmarks/NOTES.md, Attention; benchmarks/results/attention_h200*.json):
@@ -128,10 +123,8 @@ def flash_attention_mgpu(q, k, v, kv_len=None, *, config: MgpuConfig | None = No
         raise ValueError(f"flash_attention_mgpu {reason}")
     T, S = q.shape[1], k.shape[1]
     qk_scales = None
-    if fp8_pv and (not int8_qk or config.block_kv % 128 or config.overlap or config.rescale_slack):
-        # (a stale max would push P past e4m3's range: P is already scaled by 2^P_FP8_LOG2_SCALE)
-        raise ValueError("flash_attention_mgpu: fp8_pv needs int8_qk, 128-key blocks, no overlap and a "
-                         f"rescale_slack of None or 0; got {config}")
+    if fp8_pv and (not int8_qk or config.block_kv % 128 or config.overlap):
+        raise ValueError(f"flash_attention_mgpu: fp8_pv needs int8_qk, 128-key blocks, no overlap; got {config}")
     out_dtype = v.dtype
     if int8_qk:
         q, k, *qk_scales = quantize_qk_int8(q, k, config.block_q, config.block_kv)
@@ -275,45 +268,6 @@ def _p_to_fp8(p):
     return pack(p)
 
 
-def _rescale_rows_lazily(acc, alpha):
-    """acc (64, n) fp32 in the wgmma accumulator layout times alpha (64,), one factor a row — skipped by every
-    warp none of whose 16 rows has alpha != 1 (a warp vote; the warps of a warpgroup may branch apart here, no
-    wgmma is issued inside). Once the running maxima settle, most key blocks skip the 64 multiplies a thread."""
-    from jax._src.lib.mlir import ir
-    from jax._src.lib.mlir.dialects import arith, llvm, scf, vector
-    from jax.experimental import mosaic  # noqa: F401  (registers the Mosaic GPU dialects)
-    from jax.experimental.mosaic import gpu as mgpu
-
-    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, _ROW),
-                       return_type=plgpu.ShapeDtypeStruct(acc.shape, jnp.float32, layout=plgpu.Layout.WGMMA))
-    def rescale(_ctx, acc, alpha):
-        i1, i32, f32 = ir.IntegerType.get_signless(1), ir.IntegerType.get_signless(32), ir.F32Type.get()
-        moved = arith.constant(i1, 0)
-        for reg in alpha.registers.flat:  # this thread's rows
-            for i in range(ir.VectorType(reg.type).shape[0]):
-                a = vector.extract(reg, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([i]))
-                moved = arith.ori(moved, arith.cmpf(arith.CmpFPredicate.UNE, a, arith.constant(f32, 1.0)))
-        ballot = llvm.inline_asm(i32, [arith.extui(i32, moved)],
-                                 "{ .reg .pred p; setp.ne.u32 p, $1, 0; vote.sync.ballot.b32 $0, p, 0xffffffff; }",
-                                 "=r,r")
-        any_moved = arith.cmpi(arith.CmpIPredicate.ne, ballot, arith.constant(i32, 0))
-        regs = acc.registers
-        try:
-            branch = scf.IfOp(any_moved, [r.type for r in regs.flat], has_else=True)
-        except TypeError:  # MLIR's Python bindings before the keyword was renamed
-            branch = scf.IfOp(any_moved, [r.type for r in regs.flat], hasElse=True)
-        with ir.InsertionPoint(branch.then_block):
-            scaled = acc * alpha.broadcast_in_dim(acc.shape, (0,), acc.layout)
-            scf.yield_(list(scaled.registers.flat))
-        with ir.InsertionPoint(branch.else_block):
-            scf.yield_(list(regs.flat))
-        out = np.empty(regs.shape, dtype=object)
-        out.flat[:] = list(branch.results)
-        return mgpu.FragmentedArray(_registers=out, _layout=acc.layout, _is_signed=None)
-
-    return rescale(acc, alpha)
-
-
 def _per_token(scale, block: int, L: int):
     """Block scales (B, n_blocks, N) -> one per token (B, L, N, 1)."""
     return jnp.repeat(scale, block, axis=1)[:, :L, :, None]
@@ -347,7 +301,6 @@ def _flash_mgpu(q, k, v, kv_len, qk_scales, v_scale, *, S: int, stages: int, con
     block_q, block_kv = config.block_q, config.block_kv
     n_kv_max = pl.cdiv(S, block_kv)
     scale = LOG2_E / math.sqrt(H)
-    slack = config.rescale_slack
     ragged = kv_len is not None or S % block_kv != 0
     with_kv_len = kv_len is not None
 
@@ -372,11 +325,6 @@ def _flash_mgpu(q, k, v, kv_len, qk_scales, v_scale, *, S: int, stages: int, con
             plgpu.barrier_arrive(sched)
             plgpu.barrier_wait(sched)
 
-        def rescale_rows(acc, alpha):
-            if slack is None:
-                return acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            return _rescale_rows_lazily(acc, alpha)
-
         def softmax(s, m, l, j, masked, q_rows):
             """Online-softmax update for key block j: returns (P in V's dtype, m, l, alpha)."""
             scale = logit_scale(j, q_rows)
@@ -387,11 +335,7 @@ def _flash_mgpu(q, k, v, kv_len, qk_scales, v_scale, *, S: int, stages: int, con
                 keys = fp8_pv_key_of_column(cols) if fp8_pv else cols
                 s = jnp.where(keys < kv_end - j * block_kv, s, -jnp.inf)
             m_new = jnp.maximum(m, s.max(axis=1) * scale)
-            if slack is None:
-                alpha = jnp.exp2(m - m_new)
-            else:  # a stale max only scales P by up to 2^slack; alpha is exactly 1 where the max stays
-                m_new = jnp.where(m_new > m + slack, m_new, m)
-                alpha = jnp.where(m_new > m, jnp.exp2(m - m_new), 1.0)
+            alpha = jnp.exp2(m - m_new)
             offset = m_new - P_FP8_LOG2_SCALE if fp8_pv else m_new
             scales = lax.broadcast_in_dim(scale, s.shape, [0]) if int8_qk else scale  # one a row, or one for all
             p = jnp.exp2(s * scales - lax.broadcast_in_dim(offset, s.shape, [0]))
@@ -414,7 +358,7 @@ def _flash_mgpu(q, k, v, kv_len, qk_scales, v_scale, *, S: int, stages: int, con
                 s = pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), s_dtype))
                 plgpu.barrier_arrive(k_free.at[slot])
                 p, m, l, alpha = softmax(s, m, l, j, masked, q_rows)
-                acc = rescale_rows(acc, alpha)
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                 # Keeps the scheduler from sinking the softmax past the barrier (as in jax's example).
                 acc, m, l, p = lax.optimization_barrier((acc, m, l, p))
                 if config.pingpong:
@@ -470,7 +414,7 @@ def _flash_mgpu(q, k, v, kv_len, qk_scales, v_scale, *, S: int, stages: int, con
                         p, m_new, l_new, alpha = softmax(s, m, l, j, masked, q_rows)
                         o = plgpu.wgmma_accumulator_load(o_ref, wait_n=0)
                         plgpu.barrier_arrive(v_free.at[prev])
-                        o_ref[...] = rescale_rows(o, alpha)
+                        o_ref[...] = o * lax.broadcast_in_dim(alpha, o.shape, [0])
                         if config.pingpong:
                             sched_sync()
                         return p, m_new, l_new
