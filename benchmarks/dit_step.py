@@ -2,6 +2,8 @@
 
     python benchmarks/dit_step.py [--cases 1.3b-480p-b1,1.3b-480p-b2,14b-480p-b1,1.3b-720p-b1] [--no-diffusers]
 
+A case is size-resolution-batch; batch "cfg" is the sampler's CFG batch (batch 2, block 0's self-attention shared).
+
 Reports ms per forward, the ratio to diffusers (eager), model FLOP utilisation against 764 TFLOP/s
 (the measured H200 bf16 matmul rate; see shared anchors), compile time, and peak memory.
 """
@@ -31,25 +33,30 @@ PEAK_TFLOPS = 764.0
 TEXT_LEN = 512
 
 
-def flops(cfg: WanTransformerConfig, L: int, B: int) -> float:
-    """Matmul FLOPs of one forward (shared/research/wan.md §7)."""
+def flops(cfg: WanTransformerConfig, L: int, B: int, cfg_batch: bool = False) -> float:
+    """Matmul FLOPs of one forward (shared/research/wan.md §7); a CFG batch runs one self-attention less."""
     d, f, Lt = cfg.dim, cfg.ffn_dim, TEXT_LEN
-    per_layer = 8 * L * d * d + 4 * L * d * d + 4 * Lt * d * d + 4 * L * d * f + 4 * L * L * d + 4 * L * Lt * d
-    return B * cfg.num_layers * per_layer
+    self_attention = 8 * L * d * d + 4 * L * L * d
+    per_layer = self_attention + 4 * L * d * d + 4 * Lt * d * d + 4 * L * d * f + 4 * L * Lt * d
+    return B * cfg.num_layers * per_layer - (self_attention if cfg_batch else 0)
 
 
 def parse_case(case: str):
+    """"1.3b-480p-b2" -> (model, (h, w), batch 2, False); "...-cfg": a CFG batch (one latent twice, batch 2,
+    `cfg_batch=True`: block 0's self-attention shared), as the sampler runs it."""
     size, res, b = case.split("-")
-    return f"wan2.1-t2v-{size}", RES[res], int(b[1:])
+    return f"wan2.1-t2v-{size}", RES[res], 2 if b == "cfg" else int(b[1:]), b == "cfg"
 
 
-def bench_sdjax(cfg, shape, B, backend):
+def bench_sdjax(cfg, shape, B, backend, cfg_batch=False):
     model = random_like(abstract_transformer(cfg, "bfloat16", backend))
     key = jax.random.key(1)
     x = jax.random.normal(key, (B, 16, *shape), jnp.float32)
+    if cfg_batch:
+        x = jnp.concatenate([x[:1], x[:1]])
     t = jnp.full((B,), 500.0)
     ctx = jax.random.normal(key, (B, TEXT_LEN, cfg.text_dim), jnp.float32)
-    fwd = jax.jit(lambda m, x, t, c: m(x, t, c))
+    fwd = jax.jit(lambda m, x, t, c: m(x, t, c, cfg_batch=cfg_batch))
     t0 = time.perf_counter()
     compiled = fwd.lower(model, x, t, ctx).compile()
     compile_s = time.perf_counter() - t0
@@ -89,21 +96,21 @@ def main():
     args = p.parse_args()
     rows = []
     for case in args.cases.split(","):
-        name, (h, w), B = parse_case(case)
+        name, (h, w), B, cfg_batch = parse_case(case)
         cfg = WanTransformerConfig.from_dict(ModelConfig.named(name).transformer)
         shape = (21, h // 8, w // 8)  # 81 frames
         L = 21 * (h // 16) * (w // 16)
         # diffusers first: torch hands its cache back (empty_cache), JAX's allocator keeps what it has taken.
         theirs = {}
-        if not args.no_diffusers:
+        if not args.no_diffusers and not cfg_batch:  # (diffusers has no CFG-batch form: its b2 is the baseline)
             try:
                 d_s, d_peak = bench_diffusers(cfg, shape, B)
                 theirs = dict(diffusers_ms=d_s * 1e3, diffusers_peak_GiB=d_peak)
             except Exception as e:  # a missing wheel or OOM is reported, not fatal for the sdjax numbers
                 theirs = dict(diffusers_error=f"{type(e).__name__}: {str(e)[:80]}")
-        ms, compile_s, peak, finite = bench_sdjax(cfg, shape, B, args.backend)
+        ms, compile_s, peak, finite = bench_sdjax(cfg, shape, B, args.backend, cfg_batch)
         row = {"case": case, "tokens": L, "sdjax_ms": ms * 1e3, "compile_s": compile_s, "peak_GiB": peak,
-               "MFU": flops(cfg, L, B) / ms / 1e12 / PEAK_TFLOPS, "finite": finite, **theirs}
+               "MFU": flops(cfg, L, B, cfg_batch) / ms / 1e12 / PEAK_TFLOPS, "finite": finite, **theirs}
         if "diffusers_ms" in theirs:
             row["speedup"] = theirs["diffusers_ms"] / (ms * 1e3)
         rows.append(row)

@@ -201,14 +201,16 @@ def _rel_l1(a, ref):
     return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
 
 
-def forward(model, policy: str, latents, timestep, context, cache: CacheState, plan: CachePlan, i):
-    """`model(latents, timestep, context)` under the cache policy at step i: returns (velocity, new cache).
+def forward(model, policy: str, latents, timestep, context, cache: CacheState, plan: CachePlan, i,
+            cfg_batch: bool = False):
+    """`model(latents, timestep, context, cfg_batch)` under the cache policy at step i: returns (velocity, new
+    cache).
 
     Composes the model's pieces: embed → (blocks, or the cached residual) → head.
     """
     x, temb, e0, text, rope = model.embed(latents, timestep, context)
     forced = plan.forced[i] | (plan.threshold <= 0)
-    run = lambda h, layers=None: model.run_blocks(h, e0, text, rope, layers=layers)
+    run = lambda h, layers=None: model.run_blocks(h, e0, text, rope, layers=layers, cfg_batch=cfg_batch)
 
     if policy == "fbcache":
         h1 = run(x, layers=(0, 1))

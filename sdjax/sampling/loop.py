@@ -57,19 +57,22 @@ def _mesh_of(model):
 
 
 def _guided(forward, latents, timestep, cond, uncond, guidance, do_cfg: bool):
-    """CFG around `forward(latents, t, context) -> (v, aux)`: both branches in one batched forward."""
+    """CFG around `forward(latents, t, context, cfg_batch) -> (v, aux)`: both branches in one batched forward,
+    which knows it (`cfg_batch=True`: the model then runs block 0's self-attention once for both)."""
     B = latents.shape[0]
     t = jnp.full((B,), timestep, jnp.float32)
     if not do_cfg:
-        return forward(latents, t, cond)
-    v, aux = forward(jnp.concatenate([latents, latents]), jnp.concatenate([t, t]), jnp.concatenate([cond, uncond]))
+        return forward(latents, t, cond, False)
+    v, aux = forward(jnp.concatenate([latents, latents]), jnp.concatenate([t, t]), jnp.concatenate([cond, uncond]),
+                     True)
     v_cond, v_uncond = v[:B], v[B:]
     return v_uncond + guidance * (v_cond - v_uncond), aux
 
 
 def guided_velocity(model, latents, timestep, cond, uncond, guidance, do_cfg: bool):
     """v = v_u + g (v_c - v_u), both branches in one batched forward (batched CFG)."""
-    return _guided(lambda x, t, c: (model(x, t, c), None), latents, timestep, cond, uncond, guidance, do_cfg)[0]
+    forward = lambda x, t, c, cfg_batch: (model(x, t, c, cfg_batch=cfg_batch), None)
+    return _guided(forward, latents, timestep, cond, uncond, guidance, do_cfg)[0]
 
 
 @partial(jax.jit, static_argnames=("solver", "do_cfg", "policy"), donate_argnames=("state",))
@@ -85,7 +88,8 @@ def denoise_step(model, state: DenoiseState, i, schedule: solvers.Schedule, cond
         if state.cache is None or plan is None:
             raise ValueError(f"cache.policy={policy!r}: the state needs a cache (init_state(..., policy)) and "
                              "the step a plan (cache.make_plan)")
-        forward = lambda x, t, c: cache_lib.forward(model, policy, x, t, c, state.cache, plan, i)
+        forward = lambda x, t, c, cfg_batch: cache_lib.forward(model, policy, x, t, c, state.cache, plan, i,
+                                                               cfg_batch=cfg_batch)
         v, new_cache = _guided(forward, state.latents, schedule.timesteps[i], cond, uncond, guidance, do_cfg)
     latents, solver_state = solvers.step(solver, schedule, state.solver, i, v, state.latents)
     new = DenoiseState(latents, solver_state, new_cache)

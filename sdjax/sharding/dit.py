@@ -25,7 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sdjax.models.wan.transformer import scan_layers
+from sdjax.models.wan.transformer import run_stacked_blocks
 from sdjax.sharding.attention import check_ring_backend, sequence_parallel_attention
 from sdjax.sharding.mesh import AXES, SEQ
 
@@ -51,8 +51,9 @@ class SequenceParallel:
         # divide is replicated over them instead.
         return "cfg" if batch % self.mesh.shape["cfg"] == 0 else None
 
-    def run_blocks(self, blocks, x, e0, text, rope, layers=None):
-        """x (B, L, D) -> (B, L, D) through the stacked `blocks`, tokens split over the mesh."""
+    def run_blocks(self, blocks, x, e0, text, rope, layers=None, cfg_batch=False):
+        """x (B, L, D) -> (B, L, D) through the stacked `blocks`, tokens split over the mesh. `cfg_batch`
+        (`run_stacked_blocks`) shares block 0's self-attention only where a device holds both CFG branches."""
         B, L, _ = x.shape
         sp = self.ring * self.ulysses
         Lp = -(-L // sp) * sp
@@ -64,13 +65,15 @@ class SequenceParallel:
         attend = partial(sequence_parallel_attention, ulysses=self.ulysses, ring=self.ring, true_len=L,
                          backend=blocks.attn1.backend, comm=self.comm)
 
+        shared = cfg_batch and (b is None or self.mesh.shape["cfg"] == 1)  # both branches on each device
+
         def local(state, x, e0, text, cos, sin):  # runs on each device with its own tokens
-            def apply(h, layer):
+            def block_of(layer):
                 if self.shard_weights:
                     layer = jax.tree.map(_gather_weight, layer, weight_specs)
-                return nnx.merge(graphdef, layer)(h, e0, text, (cos, sin), attend)
+                return nnx.merge(graphdef, layer)
 
-            return scan_layers(apply, x, state, layers)
+            return run_stacked_blocks(block_of, x, e0, text, (cos, sin), state, layers, shared, attend)
 
         run = jax.shard_map(local, mesh=self.mesh, check_vma=False,
                             in_specs=(weight_specs, P(b, SEQ), P(b), P(b), P(SEQ), P(SEQ)), out_specs=P(b, SEQ))

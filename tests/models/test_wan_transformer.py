@@ -242,3 +242,44 @@ def test_a_lossy_attention_kernel_serves_the_self_attention_only(lossy):
     assert (block.attn1.backend, block.attn2.backend) == (lossy, "auto")
     block = abstract_transformer(cfg, "bfloat16", "cudnn").blocks
     assert (block.attn1.backend, block.attn2.backend) == ("cudnn", "cudnn")
+
+
+def _cfg_batch_inputs(io):
+    """A CFG batch as the sampler builds it: one latent and timestep twice, conditional then unconditional text."""
+    x, t, c = (jnp.asarray(io[k][:1]) for k in ("latents", "timestep", "context"))
+    uncond = jnp.asarray(np.random.default_rng(1).standard_normal(c.shape, np.float32))
+    return jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([c, uncond])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_cfg_batch_runs_block_0_self_attention_once_for_the_same_result(case):
+    """`cfg_batch=True` (block 0's self-attention half on the first branch only, shared) is the same function on
+    a CFG batch (fp32, rel. L2 <= 1e-6), and costs one self-attention half of one layer at batch 1 less."""
+    io = np.load(DIT / case / "io.npz")
+    model = load_transformer(DIT / case, dtype="float32")
+    x, t, c = _cfg_batch_inputs(io)
+    forward = lambda shared: jax.jit(lambda m, x, t, c: m(x, t, c, cfg_batch=shared))
+    plain, shared = (np.asarray(forward(s)(model, x, t, c)) for s in (False, True))
+    assert rel_l2(shared, plain) <= 1e-6
+    assert rel_l2(shared[:1], shared[1:]) > 1e-3  # the texts differ, so the branches do too (not one copied)
+
+    # Block 0 alone (XLA's cost analysis counts a loop's body once, so the whole forward would not show it).
+    h, _, e0, text, rope = model.embed(x, t, c)
+    block0 = lambda s: jax.jit(lambda m, h: m.run_blocks(h, e0, text, rope, layers=(0, 1), cfg_batch=s))
+    flops = lambda s: block0(s).lower(model, h).compile().cost_analysis()["flops"]
+    L, D = h.shape[1], model.config.dim
+    self_attention_b1 = 4 * 2 * L * D * D + 2 * 2 * L * L * D  # q, k, v, out projections + QKᵀ and PV
+    saved = flops(False) - flops(True)
+    assert 0.9 * self_attention_b1 <= saved <= 1.5 * self_attention_b1  # (+ its norms and modulation)
+
+
+def test_cfg_batch_first_block_alone_is_the_first_block():
+    """The first-block cache runs block 0 by itself (layers=(0, 1)); with cfg_batch it shares the same way."""
+    io = np.load(DIT / "heads3_b2" / "io.npz")
+    model = load_transformer(DIT / "heads3_b2", dtype="float32")
+    x, t, c = _cfg_batch_inputs(io)
+    h, _, e0, text, rope = model.embed(x, t, c)
+    for layers in [(0, 1), (0, None), (1, None)]:
+        plain = model.run_blocks(h, e0, text, rope, layers=layers)
+        shared = model.run_blocks(h, e0, text, rope, layers=layers, cfg_batch=True)
+        assert rel_l2(np.asarray(shared), np.asarray(plain)) <= 1e-6, layers

@@ -54,6 +54,17 @@ def test_forward_matches_one_device(name, model12, io12):
     assert rel_l2(out, ref) <= TOL
 
 
+@pytest.mark.parametrize("name", ["c1u4r2", "c1u1r8", "c2u2r2"])
+def test_cfg_batch_on_the_mesh_matches_one_device(name, model12, io12):
+    """A CFG batch (one latent and timestep twice): block 0's self-attention runs once where a device holds both
+    branches (cfg=1), per branch where "cfg" splits them; the forward is the one-device one either way."""
+    x, t, c, _ = io12
+    x, t = np.concatenate([x[:1], x[:1]]), np.concatenate([t[:1], t[:1]])
+    ref = FORWARD(model12, x, t, c)
+    out = jax.jit(lambda m, x, t, c: m(x, t, c, cfg_batch=True))(on_mesh(model12, name), x, t, c)
+    assert rel_l2(out, ref) <= TOL
+
+
 def test_weights_split_over_the_mesh_give_the_same_forward(model12, io12):
     x, t, c, ref = io12
     model = on_mesh(model12, "c2u2r2", shard_weights=True)
