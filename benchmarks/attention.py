@@ -41,11 +41,12 @@ SHAPES = {  # name: (B, T, S, N, H, dtype, kv_len or None)
     "wan14b_720p_cross": (1, 75600, 512, 40, 128, "bfloat16", None),
     "wan1.3b_480p_cross_kvlen": (1, 32760, 512, 12, 128, "bfloat16", 226),
     "small_d64_ragged": (2, 1000, 777, 3, 64, "bfloat16", 300),
+    "small_odd_q_tiles": (2, 300, 1000, 3, 128, "bfloat16", 450),  # 3 CTAs of 128 rows: a cluster's 2nd CTA idles
     "small_d64_ragged_fp16": (2, 1000, 777, 3, 64, "float16", 300),
     "tiny_cpu": (2, 200, 150, 2, 64, "bfloat16", 100),  # a smoke test of this script on CPU
 }
 DEFAULT_SHAPES = [s for s in SHAPES if s != "tiny_cpu"]
-# Kernel-config variants timed by --sweep, per shape: mgpu[_int8]:block_q,block_kv,stages,overlap,pingpong and
+# Kernel-config variants timed by --sweep, per shape: mgpu[_int8]:block_q,block_kv,stages,overlap,pingpong[,cluster] and
 # triton:block_q,block_k,num_warps,num_stages (cuDNN first as the same-process baseline).
 SWEEP = {
     "wan1.3b_480p": ("cudnn", "mgpu:64,192,2,0,1", "mgpu:64,128,2,1,0", "mgpu:64,192,2,1,0",
@@ -103,8 +104,9 @@ def card_slug(name: str) -> str:
 
 def _mgpu_config(spec: str):
     _, flash_mgpu, _ = _import_kernels()
-    bq, bkv, st, ov, pp = (int(x) for x in spec.split(":")[1].split(","))
-    return flash_mgpu.MgpuConfig(block_q=bq, block_kv=bkv, stages=st, overlap=bool(ov), pingpong=bool(pp))
+    bq, bkv, st, ov, pp, *cluster = (int(x) for x in spec.split(":")[1].split(","))
+    return flash_mgpu.MgpuConfig(block_q=bq, block_kv=bkv, stages=st, overlap=bool(ov), pingpong=bool(pp),
+                                 cluster=cluster[0] if cluster else 1)
 
 
 def _best_swept(log: Path, long_kv: bool) -> str | None:
@@ -296,7 +298,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=",".join(DEFAULT_SHAPES), help="comma list of: " + ", ".join(SHAPES))
     ap.add_argument("--backends", default=",".join(DEFAULT_BACKENDS),
-                    help="comma list, or ';' list with kernel variants (mgpu:64,192,2,0,1;cudnn)")
+                    help="comma list, or ';' list with kernel variants (mgpu:64,192,2,0,1,2;cudnn)")
     ap.add_argument("--sweep", action="store_true", help="first time the kernel-config variants of SWEEP")
     ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--timeout", type=int, default=240, help="seconds per shape subprocess")

@@ -119,6 +119,17 @@ def clock_power_summary(text: str) -> dict:
             "samples": len(samples)}
 
 
+def use_long_kv_variant(spec: str | None) -> None:
+    """Benchmark A/B: the exact attention kernel for long keys runs as `spec` (benchmarks/attention.py's variant
+    syntax, e.g. "mgpu:64,192,2,0,1" = one CTA, no cluster) in this process instead of the library default."""
+    if spec is None:
+        return
+    from benchmarks.attention import _mgpu_config
+    from sdjax.kernels import flash_mgpu
+
+    flash_mgpu.LONG_KV_CONFIG = _mgpu_config(spec)
+
+
 def peak_gib() -> float | None:
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")

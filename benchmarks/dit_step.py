@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import peak_gib, random_like, timed, torch_timing, write_results
+from benchmarks.common import peak_gib, random_like, timed, torch_timing, use_long_kv_variant, write_results
 from sdjax.config import ModelConfig
 from sdjax.models.wan.loading import abstract_transformer
 from sdjax.models.wan.transformer import WanTransformerConfig
@@ -93,7 +93,10 @@ def main():
     p.add_argument("--backend", default="auto")
     p.add_argument("--no-diffusers", action="store_true")
     p.add_argument("--tag", default="", help="suffix of the result file name (e.g. warm_cache)")
+    p.add_argument("--long-kv-variant", help="A/B: the exact long-key attention kernel as this variant "
+                   "(benchmarks/attention.py syntax, e.g. mgpu:64,192,2,0,1)")
     args = p.parse_args()
+    use_long_kv_variant(args.long_kv_variant)
     rows = []
     for case in args.cases.split(","):
         name, (h, w), B, cfg_batch = parse_case(case)

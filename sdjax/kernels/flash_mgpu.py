@@ -12,9 +12,13 @@ registers). Two schedules:
   - `overlap=True` (ping-pong optional): inside a warpgroup, S_{j+1} = Q K_{j+1}ᵀ and O += P_j V_j
     are issued together and the softmax of block j+1 runs while P_j V_j is still on the tensor cores
     (FlashAttention-3's intra-warpgroup overlap).
+Clusters (`cluster=2`): two CTAs with neighbouring query blocks of one head run as a cluster and each K/V block
+is loaded from L2 once for both — each CTA's TMA fetches half and multicasts it into both shared memories — so
+the L2 -> SMEM traffic halves (~5 TB/s at Wan-1.3B 480p without it: every 128 query rows read all of K and V).
+A slot is refilled only when the consumers of both CTAs have released it (a cluster barrier).
 `default_config(S)` picks the variant measured fastest on an H200 for the key length: 192-key blocks with
-ping-pong for long self-attention (647 TFLOP/s at Wan-1.3B 480p vs cuDNN's 568 through JAX), 128-key
-blocks with the overlap schedule for short (text) keys.
+ping-pong in clusters of 2 for long self-attention (651 TFLOP/s at Wan-1.3B 480p vs cuDNN's 558 through JAX),
+128-key blocks with the overlap schedule for short (text) keys.
 
 Lossy int8 mode (`int8_qk=True`, SageAttention's recipe): k is smoothed (its mean over tokens removed — the
 softmax does not see it), q is rounded to int8 with one scale per token and head, k with one per 192-key block
@@ -63,20 +67,28 @@ class MgpuConfig:
     stages: int = 2  # depth of the K/V shared-memory ring
     overlap: bool = False  # FA3 intra-warpgroup overlap of softmax with the P V matmul
     pingpong: bool = True  # alternate the two compute warpgroups' matmul phases
+    # CTAs of a cluster (1 or 2): neighbouring query blocks of one head that share each K/V block, loaded from L2
+    # once and multicast into both CTAs' shared memory (TMA multicast): half the L2 -> SMEM traffic.
+    cluster: int = 1
 
     def __post_init__(self):
         if self.block_q % 64 or self.block_kv % 64:
             raise ValueError(f"MgpuConfig: block_q and block_kv must be multiples of 64, got {self}")
         if self.stages < 2:
             raise ValueError(f"MgpuConfig: stages must be >= 2, got {self.stages}")
+        if self.cluster not in (1, 2):
+            raise ValueError(f"MgpuConfig: cluster must be 1 or 2, got {self.cluster}")
 
 
 # Measured on an H200 (benchmarks/NOTES.md, Attention; benchmarks/results/attention_h200*.json):
 # - long key sequences (32,760 and 75,600): 192-key blocks with the ping-pong schedule, 637-653 TFLOP/s
-#   (128-key blocks: 603-608; 128 + FA3 overlap without ping-pong: 632-649, within run-to-run noise);
+#   (128-key blocks: 603-608; 128 + FA3 overlap without ping-pong: 632-649, within run-to-run noise), and each
+#   K/V block multicast to a cluster of 2 CTAs: 10.13 vs 10.34-10.37 ms at Wan-1.3B 480p (NOTES, session 8) —
+#   but not with int8 Q Kᵀ (9.56 vs 9.44) or fp8 P V (8.06 vs 8.07), which keep one CTA;
 # - 512 text keys: 192-key blocks pad the third block (387 TFLOP/s), so 128-key blocks with the overlap
 #   schedule and no ping-pong (462; the ping-pong 128 variant: 444).
-LONG_KV_CONFIG = MgpuConfig(block_kv=192)
+LONG_KV_CONFIG = MgpuConfig(block_kv=192, cluster=2)
+LONG_KV_INT8_CONFIG = MgpuConfig(block_kv=192)
 SHORT_KV_CONFIG = MgpuConfig(block_kv=128, overlap=True, pingpong=False)
 LONG_KV_FROM = 4096  # keys; measured points: 512 (short wins), 32,760 and 75,600 (long wins)
 
@@ -86,9 +98,11 @@ LONG_KV_FROM = 4096  # keys; measured points: 512 (short wins), 32,760 and 75,60
 FP8_PV_CONFIG = MgpuConfig(block_kv=128, stages=4)
 
 
-def default_config(S: int) -> MgpuConfig:
-    """The measured-fastest variant for S keys."""
-    return LONG_KV_CONFIG if S >= LONG_KV_FROM else SHORT_KV_CONFIG
+def default_config(S: int, int8_qk: bool = False) -> MgpuConfig:
+    """The measured-fastest variant for S keys (and S = Q Kᵀ on the int8 tensor cores)."""
+    if S < LONG_KV_FROM:
+        return SHORT_KV_CONFIG
+    return LONG_KV_INT8_CONFIG if int8_qk else LONG_KV_CONFIG
 
 
 def unsupported_reason(q, k, v, int8_qk: bool = False) -> str | None:
@@ -118,7 +132,7 @@ def flash_attention_mgpu(q, k, v, kv_len=None, *, config: MgpuConfig | None = No
     `fp8_pv` (lossy, with `int8_qk`): O = P V on the fp8 tensor cores, P and V in e4m3 (`quantize_v_fp8`).
     """
     if config is None:
-        config = FP8_PV_CONFIG if fp8_pv else default_config(k.shape[1])
+        config = FP8_PV_CONFIG if fp8_pv else default_config(k.shape[1], int8_qk)
     if (reason := unsupported_reason(q, k, v, int8_qk)) is not None:
         raise ValueError(f"flash_attention_mgpu {reason}")
     T, S = q.shape[1], k.shape[1]
@@ -156,8 +170,8 @@ def quantize_qk_int8(q, k, block_q: int, block_kv: int):
     which shifts every score of a query row by the same amount, so the softmax is unchanged — then q and k are
     rounded to int8 with their row's / block's absmax / 127 as the scale (a per-row q scale costs the kernel
     nothing: its one FMA a logit takes a row operand either way; a per-key scale would cost a multiply a logit).
-    Returns (q8, k8, q_scale (B, N, T'), k_scale (B, nk, N)); T' pads T with ones to whole CTAs (2 · block_q
-    rows), so every compute warpgroup's TMA copy of its scales stays in bounds."""
+    Returns (q8, k8, q_scale (B, N, T'), k_scale (B, nk, N)); T' pads T with ones to whole clusters (up to 2
+    CTAs of 2 · block_q rows), so every compute warpgroup's TMA copy of its scales stays in bounds."""
     f32 = jnp.float32
     B, T, N, _ = q.shape
     # q and k have several readers here (absmax, rounding; k's mean): the barrier keeps them as the bf16 arrays
@@ -166,7 +180,7 @@ def quantize_qk_int8(q, k, block_q: int, block_kv: int):
     q, k = jax.lax.optimization_barrier((q, k))
     q_scale = jnp.maximum(jnp.abs(q.astype(f32)).max(axis=-1), 1e-30) / 127.0  # (B, T, N)
     q8 = jnp.clip(jnp.round(q.astype(f32) / q_scale[..., None]), -127, 127).astype(jnp.int8)
-    T_pad = 2 * block_q * pl.cdiv(T, 2 * block_q)
+    T_pad = 4 * block_q * pl.cdiv(T, 4 * block_q)  # whole clusters of up to 2 CTAs
     q_scale = jnp.pad(q_scale.transpose(0, 2, 1), ((0, 0), (0, 0), (0, T_pad - T)), constant_values=1.0)
     # Any per-channel vector subtracted from k leaves the softmax unchanged; the token mean makes k's int8 rounding
     # finest. Long sequences estimate it from >= K_MEAN_SAMPLES evenly strided tokens (a common offset exactly):
@@ -276,7 +290,7 @@ def _per_token(scale, block: int, L: int):
 def dequantized_qk_int8(q, k, block_q: int | None = None, block_kv: int | None = None):
     """The fp32 q, k whose exact attention the int8 kernel computes (for checks): int8 values x their scale.
     Block sizes default to the kernel's for this many keys (`default_config`)."""
-    config = default_config(k.shape[1])
+    config = default_config(k.shape[1], int8_qk=True)
     block_q, block_kv = block_q or config.block_q, block_kv or config.block_kv
     q8, k8, q_scale, k_scale = quantize_qk_int8(q, k, block_q, block_kv)
     return (q8.astype(jnp.float32) * q_scale[:, :, : q.shape[1]].transpose(0, 2, 1)[..., None],
@@ -302,6 +316,10 @@ def _flash_mgpu(q, k, v, kv_len, qk_scales, v_scale, *, S: int, stages: int, con
     n_kv_max = pl.cdiv(S, block_kv)
     scale = LOG2_E / math.sqrt(H)
     ragged = kv_len is not None or S % block_kv != 0
+    clustered = config.cluster == 2
+    multicast = "cluster" if clustered else None
+    # A slot is free once the consumers of every CTA it was multicast to are done with it.
+    free_barrier = functools.partial(plgpu.ClusterBarrier, collective_axes=("cluster",)) if clustered else plgpu.Barrier
     with_kv_len = kv_len is not None
 
     def kv_bounds(kv_len_ref, b):
@@ -440,7 +458,8 @@ def _flash_mgpu(q, k, v, kv_len, qk_scales, v_scale, *, S: int, stages: int, con
         def _compute():
             plgpu.set_max_registers(240 if config.overlap else 232, action="increase")
             q_smem = q_smem2.at[wg]
-            q_base = (2 * qi + wg) * block_q
+            cta = lax.axis_index("cluster") if clustered else 0
+            q_base = (2 * (config.cluster * qi + cta) + wg) * block_q
             plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_base, block_q), h], q_smem, q_ready.at[wg])
             q_rows = None
             if int8_qk:  # this warpgroup's rows' q scales, one per row in the softmax's row layout
@@ -478,10 +497,10 @@ def _flash_mgpu(q, k, v, kv_len, qk_scales, v_scale, *, S: int, stages: int, con
                 keys = pl.ds(j * block_kv, block_kv)
                 return v_ref.at[b, h, :, keys] if fp8_pv else v_ref.at[b, keys, h]
 
-            def fetch(j, slot):
+            def fetch(j, slot):  # (multicast: each CTA of the cluster loads half of the block for both)
                 rows = (b, pl.ds(j * block_kv, block_kv), h)
-                plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_ready.at[slot])
-                plgpu.copy_gmem_to_smem(v_block(j), v_smem.at[slot], v_ready.at[slot])
+                plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_ready.at[slot], collective_axes=multicast)
+                plgpu.copy_gmem_to_smem(v_block(j), v_smem.at[slot], v_ready.at[slot], collective_axes=multicast)
 
             for i in range(stages):
                 if isinstance(n_kv, int):  # static: the first `stages` blocks always exist (stages <= n_kv)
@@ -494,9 +513,18 @@ def _flash_mgpu(q, k, v, kv_len, qk_scales, v_scale, *, S: int, stages: int, con
                 slot = lax.rem(j, stages)
                 rows = (b, pl.ds((j + stages) * block_kv, block_kv), h)
                 plgpu.barrier_wait(k_free.at[slot])
-                plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_ready.at[slot])
+                plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_ready.at[slot], collective_axes=multicast)
                 plgpu.barrier_wait(v_free.at[slot])
-                plgpu.copy_gmem_to_smem(v_block(j + stages), v_smem.at[slot], v_ready.at[slot])
+                plgpu.copy_gmem_to_smem(v_block(j + stages), v_smem.at[slot], v_ready.at[slot],
+                                        collective_axes=multicast)
+
+            if clustered:  # the peer's consumers still arrive here (remotely) until its last blocks: wait them out
+                for i in range(stages):
+                    def last_use(i=i):
+                        plgpu.barrier_wait(k_free.at[i])
+                        plgpu.barrier_wait(v_free.at[i])
+
+                    last_use() if isinstance(n_kv, int) else pl.when(i < n_kv)(last_use)
 
     def entry(q_ref, k_ref, v_ref, *rest):
         kv_len_ref, rest = (rest[0], rest[1:]) if with_kv_len else (None, rest)
@@ -509,7 +537,7 @@ def _flash_mgpu(q, k, v, kv_len, qk_scales, v_scale, *, S: int, stages: int, con
              *([_smem((2, block_q, H), dtype), plgpu.SMEM((2, block_q), jnp.float32)] if int8_qk else [])),
             (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
              plgpu.Barrier(num_barriers=2), *([plgpu.Barrier(num_barriers=2)] if int8_qk else [])),
-            (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
+            (free_barrier(num_arrivals=2, num_barriers=stages),) * 2,
             plgpu.Barrier(num_arrivals=2),
             collective_axes="wg",
         )
@@ -521,8 +549,9 @@ def _flash_mgpu(q, k, v, kv_len, qk_scales, v_scale, *, S: int, stages: int, con
         out_type=jax.ShapeDtypeStruct(q.shape, dtype),
         # Pallas MGPU launches the last grid axis as CUDA's x (fastest): q-blocks vary fastest, so the
         # CTAs resident at once share one head's K/V in L2 (heads fastest cost 11% at 40 heads).
-        grid=(B, N, pl.cdiv(T, 2 * block_q)),
+        grid=(B, N, pl.cdiv(T, 2 * block_q * config.cluster)),
         grid_names=("batch", "heads", "q"),
+        **(dict(cluster=(2,), cluster_names=("cluster",)) if clustered else {}),
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
