@@ -67,8 +67,8 @@ class MgpuConfig:
     stages: int = 2  # depth of the K/V shared-memory ring
     overlap: bool = False  # FA3 intra-warpgroup overlap of softmax with the P V matmul
     pingpong: bool = True  # alternate the two compute warpgroups' matmul phases
-    # CTAs of a cluster (1 or 2): neighbouring query blocks of one head that share each K/V block, loaded from L2
-    # once and multicast into both CTAs' shared memory (TMA multicast): half the L2 -> SMEM traffic.
+    # CTAs of a cluster (1, 2 or 4): neighbouring query blocks of one head that share each K/V block, loaded from L2
+    # once and multicast into every CTA's shared memory (TMA multicast): 1 / cluster of the L2 -> SMEM traffic.
     cluster: int = 1
 
     def __post_init__(self):
@@ -76,8 +76,8 @@ class MgpuConfig:
             raise ValueError(f"MgpuConfig: block_q and block_kv must be multiples of 64, got {self}")
         if self.stages < 2:
             raise ValueError(f"MgpuConfig: stages must be >= 2, got {self.stages}")
-        if self.cluster not in (1, 2):
-            raise ValueError(f"MgpuConfig: cluster must be 1 or 2, got {self.cluster}")
+        if self.cluster not in (1, 2, 4):
+            raise ValueError(f"MgpuConfig: cluster must be 1, 2 or 4, got {self.cluster}")
 
 
 # Measured on an H200 (benchmarks/NOTES.md, Attention; benchmarks/results/attention_h200*.json):
@@ -170,7 +170,7 @@ def quantize_qk_int8(q, k, block_q: int, block_kv: int):
     which shifts every score of a query row by the same amount, so the softmax is unchanged — then q and k are
     rounded to int8 with their row's / block's absmax / 127 as the scale (a per-row q scale costs the kernel
     nothing: its one FMA a logit takes a row operand either way; a per-key scale would cost a multiply a logit).
-    Returns (q8, k8, q_scale (B, N, T'), k_scale (B, nk, N)); T' pads T with ones to whole clusters (up to 2
+    Returns (q8, k8, q_scale (B, N, T'), k_scale (B, nk, N)); T' pads T with ones to whole clusters (up to 4
     CTAs of 2 · block_q rows), so every compute warpgroup's TMA copy of its scales stays in bounds."""
     f32 = jnp.float32
     B, T, N, _ = q.shape
@@ -180,7 +180,7 @@ def quantize_qk_int8(q, k, block_q: int, block_kv: int):
     q, k = jax.lax.optimization_barrier((q, k))
     q_scale = jnp.maximum(jnp.abs(q.astype(f32)).max(axis=-1), 1e-30) / 127.0  # (B, T, N)
     q8 = jnp.clip(jnp.round(q.astype(f32) / q_scale[..., None]), -127, 127).astype(jnp.int8)
-    T_pad = 4 * block_q * pl.cdiv(T, 4 * block_q)  # whole clusters of up to 2 CTAs
+    T_pad = 8 * block_q * pl.cdiv(T, 8 * block_q)  # whole clusters of up to 4 CTAs
     q_scale = jnp.pad(q_scale.transpose(0, 2, 1), ((0, 0), (0, 0), (0, T_pad - T)), constant_values=1.0)
     # Any per-channel vector subtracted from k leaves the softmax unchanged; the token mean makes k's int8 rounding
     # finest. Long sequences estimate it from >= K_MEAN_SAMPLES evenly strided tokens (a common offset exactly):
@@ -316,7 +316,7 @@ def _flash_mgpu(q, k, v, kv_len, qk_scales, v_scale, *, S: int, stages: int, con
     n_kv_max = pl.cdiv(S, block_kv)
     scale = LOG2_E / math.sqrt(H)
     ragged = kv_len is not None or S % block_kv != 0
-    clustered = config.cluster == 2
+    clustered = config.cluster > 1
     multicast = "cluster" if clustered else None
     # A slot is free once the consumers of every CTA it was multicast to are done with it.
     free_barrier = functools.partial(plgpu.ClusterBarrier, collective_axes=("cluster",)) if clustered else plgpu.Barrier
@@ -551,7 +551,7 @@ def _flash_mgpu(q, k, v, kv_len, qk_scales, v_scale, *, S: int, stages: int, con
         # CTAs resident at once share one head's K/V in L2 (heads fastest cost 11% at 40 heads).
         grid=(B, N, pl.cdiv(T, 2 * block_q * config.cluster)),
         grid_names=("batch", "heads", "q"),
-        **(dict(cluster=(2,), cluster_names=("cluster",)) if clustered else {}),
+        **(dict(cluster=(config.cluster,), cluster_names=("cluster",)) if clustered else {}),
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),

@@ -30,15 +30,16 @@ def _export(fn, platform, B, T, S, N, H, kv_len):
     return jax.export.export(f, platforms=[platform], disabled_checks=checks)(*args).mlir_module()
 
 
-@pytest.mark.parametrize("config", [MgpuConfig(), MgpuConfig(overlap=True), MgpuConfig(block_kv=192, cluster=2)],
-                         ids=["pingpong", "overlap", "cluster2"])
+@pytest.mark.parametrize("config", [MgpuConfig(), MgpuConfig(overlap=True), MgpuConfig(block_kv=192, cluster=2),
+                                    MgpuConfig(block_kv=192, cluster=4)],
+                         ids=["pingpong", "overlap", "cluster2", "cluster4"])
 @pytest.mark.parametrize("shape", [(1, 1000, 1000, 2, 128, False), (2, 300, 77, 1, 64, True)],
                          ids=["ragged", "short_kv_len"])
 def test_mgpu_kernel_lowers_for_cuda(config, shape):
     module = _export(lambda q, k, v, l: flash_attention_mgpu(q, k, v, l, config=config), "cuda", *shape)
     assert "mosaic_gpu" in module
-    # clusters multicast K/V and release slots to the peer CTA (remote mbarrier arrivals)
-    assert ("multicast" in module and "mapa.shared::cluster" in module) == (config.cluster == 2)
+    # clusters multicast K/V and release slots to the peer CTAs (remote mbarrier arrivals)
+    assert ("multicast" in module and "mapa.shared::cluster" in module) == (config.cluster > 1)
 
 
 @pytest.mark.parametrize("config", [MgpuConfig(block_kv=192), MgpuConfig(block_kv=128, overlap=True, pingpong=False)],
@@ -68,8 +69,8 @@ def test_mgpu_kernel_refuses_what_it_cannot_run():
         flash_mgpu.flash_attention_mgpu(q[..., :64], q[..., :64], q[..., :64], int8_qk=True)
     with pytest.raises(ValueError, match="fp8_pv needs int8_qk"):
         flash_mgpu.flash_attention_mgpu(q, q, q, fp8_pv=True)
-    with pytest.raises(ValueError, match="cluster must be 1 or 2"):
-        MgpuConfig(cluster=4)
+    with pytest.raises(ValueError, match="cluster must be 1, 2 or 4"):
+        MgpuConfig(cluster=3)
     with pytest.raises(ValueError, match="128-key blocks"):
         flash_mgpu.flash_attention_mgpu(q, q, q, int8_qk=True, fp8_pv=True, config=MgpuConfig(block_kv=192))
 
