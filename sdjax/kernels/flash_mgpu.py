@@ -141,7 +141,7 @@ def flash_attention_mgpu(q, k, v, kv_len=None, *, config: MgpuConfig | None = No
         raise ValueError(f"flash_attention_mgpu: fp8_pv needs int8_qk, 128-key blocks, no overlap; got {config}")
     out_dtype = v.dtype
     if int8_qk:
-        q, k, *qk_scales = quantize_qk_int8(q, k, config.block_q, config.block_kv)
+        q, k, *qk_scales = quantize_qk_int8(q, k, config.block_q, config.block_kv, config.cluster)
         if fp8_pv:
             k = keys_in_fp8_pv_order(k)
     block_kv = config.block_kv
@@ -163,15 +163,15 @@ def flash_attention_mgpu(q, k, v, kv_len=None, *, config: MgpuConfig | None = No
 K_MEAN_SAMPLES = 4096
 
 
-def quantize_qk_int8(q, k, block_q: int, block_kv: int):
+def quantize_qk_int8(q, k, block_q: int, block_kv: int, cluster: int = 1):
     """q, k -> int8: q with one fp32 scale per token and head, k with one per block of `block_kv` keys and head.
 
     SageAttention's recipe, q's scales finer: k is first smoothed — its mean over the tokens (sampled) removed,
     which shifts every score of a query row by the same amount, so the softmax is unchanged — then q and k are
     rounded to int8 with their row's / block's absmax / 127 as the scale (a per-row q scale costs the kernel
     nothing: its one FMA a logit takes a row operand either way; a per-key scale would cost a multiply a logit).
-    Returns (q8, k8, q_scale (B, N, T'), k_scale (B, nk, N)); T' pads T with ones to whole clusters (up to 4
-    CTAs of 2 · block_q rows), so every compute warpgroup's TMA copy of its scales stays in bounds."""
+    Returns (q8, k8, q_scale (B, N, T'), k_scale (B, nk, N)); T' pads T with ones to whole clusters (of
+    `cluster` CTAs of 2 · block_q rows), so every compute warpgroup's TMA copy of its scales stays in bounds."""
     f32 = jnp.float32
     B, T, N, _ = q.shape
     # q and k have several readers here (absmax, rounding; k's mean): the barrier keeps them as the bf16 arrays
@@ -180,7 +180,8 @@ def quantize_qk_int8(q, k, block_q: int, block_kv: int):
     q, k = jax.lax.optimization_barrier((q, k))
     q_scale = jnp.maximum(jnp.abs(q.astype(f32)).max(axis=-1), 1e-30) / 127.0  # (B, T, N)
     q8 = jnp.clip(jnp.round(q.astype(f32) / q_scale[..., None]), -127, 127).astype(jnp.int8)
-    T_pad = 8 * block_q * pl.cdiv(T, 8 * block_q)  # whole clusters of up to 4 CTAs
+    rows = 2 * block_q * cluster  # a cluster's query rows
+    T_pad = rows * pl.cdiv(T, rows)
     q_scale = jnp.pad(q_scale.transpose(0, 2, 1), ((0, 0), (0, 0), (0, T_pad - T)), constant_values=1.0)
     # Any per-channel vector subtracted from k leaves the softmax unchanged; the token mean makes k's int8 rounding
     # finest. Long sequences estimate it from >= K_MEAN_SAMPLES evenly strided tokens (a common offset exactly):

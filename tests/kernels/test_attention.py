@@ -207,6 +207,7 @@ def test_int8_qk_quantization_is_close_and_ignores_a_common_key_offset():
     assert plain < 2e-2 and shifted < 2e-2
     q8, k8, q_scale, k_scale = quantize_qk_int8(q, k, 64, 128)
     assert (q8.dtype, k8.dtype, q_scale.shape, k_scale.shape) == (jnp.int8, jnp.int8, (B, N, 384), (B, 4, N))
+    assert quantize_qk_int8(q, k, 64, 128, cluster=4)[2].shape == (B, N, 512)  # whole clusters of 4 CTAs
     # q: one scale a token and head (absmax / 127), heads first, padded with ones to whole 128-row CTAs;
     # k: one a 128-key block and head, the ragged tail (500 = 3 · 128 + 116 keys) included, after the smoothing
     np.testing.assert_allclose(q_scale[0, :, :T], (jnp.abs(q[0]).max(axis=-1) / 127).T, rtol=1e-6)

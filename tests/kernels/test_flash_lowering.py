@@ -42,8 +42,9 @@ def test_mgpu_kernel_lowers_for_cuda(config, shape):
     assert ("multicast" in module and "mapa.shared::cluster" in module) == (config.cluster > 1)
 
 
-@pytest.mark.parametrize("config", [MgpuConfig(block_kv=192), MgpuConfig(block_kv=128, overlap=True, pingpong=False)],
-                         ids=["pingpong192", "overlap128"])
+@pytest.mark.parametrize("config", [MgpuConfig(block_kv=192), MgpuConfig(block_kv=128, overlap=True, pingpong=False),
+                                    MgpuConfig(block_kv=192, cluster=2)],
+                         ids=["pingpong192", "overlap128", "cluster2"])
 @pytest.mark.parametrize("kv_len", [False, True], ids=["full", "kv_len"])
 def test_mgpu_kernel_with_int8_qk_lowers_for_cuda(config, kv_len):
     """S = Q Kᵀ on int8 tensor cores from per-block quantized q, k; per-block scales read in the kernel."""
