@@ -49,9 +49,10 @@ DEFAULT_SHAPES = [s for s in SHAPES if s != "tiny_cpu"]
 # Kernel-config variants timed by --sweep, per shape: mgpu[_int8]:block_q,block_kv,stages,overlap,pingpong[,cluster] and
 # triton:block_q,block_k,num_warps,num_stages (cuDNN first as the same-process baseline).
 SWEEP = {
-    "wan1.3b_480p": ("cudnn", "mgpu:64,192,2,0,1", "mgpu:64,128,2,1,0", "mgpu:64,192,2,1,0",
-                     "mgpu:64,192,2,1,1", "mgpu:64,192,2,0,0", "mgpu:64,128,2,0,1",
-                     "mgpu_int8:64,192,2,0,1", "mgpu_int8:64,128,2,1,0", "mgpu_int8:64,192,2,1,0",
+    "wan1.3b_480p": ("cudnn", "mgpu:64,192,2,0,1", "mgpu:64,192,2,0,1,2", "mgpu:64,192,2,0,1,4",
+                     "mgpu:64,128,2,1,0", "mgpu:64,192,2,1,0", "mgpu:64,192,2,1,1", "mgpu:64,192,2,0,0",
+                     "mgpu:64,128,2,0,1", "mgpu_int8:64,192,2,0,1", "mgpu_int8:64,192,2,0,1,2",
+                     "mgpu_int8:64,128,2,1,0", "mgpu_int8:64,192,2,1,0",
                      "mgpu_int8:64,128,2,0,1", "mgpu_int8:64,192,2,0,0", "mgpu_int8:64,128,3,0,1",
                      "mgpu_int8_fp8:64,128,2,0,1", "mgpu_int8_fp8:64,128,3,0,1", "mgpu_int8_fp8:64,128,4,0,1",
                      "mgpu_int8_fp8:64,128,2,0,0", "mgpu_int8_fp8:64,128,3,0,0"),
