@@ -498,7 +498,7 @@ def _flash_mgpu(q, k, v, kv_len, qk_scales, v_scale, *, S: int, stages: int, con
                 keys = pl.ds(j * block_kv, block_kv)
                 return v_ref.at[b, h, :, keys] if fp8_pv else v_ref.at[b, keys, h]
 
-            def fetch(j, slot):  # (multicast: each CTA of the cluster loads half of the block for both)
+            def fetch(j, slot):  # (multicast: each CTA of a cluster loads its share of the block for all of them)
                 rows = (b, pl.ds(j * block_kv, block_kv), h)
                 plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_ready.at[slot], collective_axes=multicast)
                 plgpu.copy_gmem_to_smem(v_block(j), v_smem.at[slot], v_ready.at[slot], collective_axes=multicast)
@@ -525,7 +525,10 @@ def _flash_mgpu(q, k, v, kv_len, qk_scales, v_scale, *, S: int, stages: int, con
                         plgpu.barrier_wait(k_free.at[i])
                         plgpu.barrier_wait(v_free.at[i])
 
-                    last_use() if isinstance(n_kv, int) else pl.when(i < n_kv)(last_use)
+                    if isinstance(n_kv, int):  # static: every slot was used
+                        last_use()
+                    else:
+                        pl.when(i < n_kv)(last_use)
 
     def entry(q_ref, k_ref, v_ref, *rest):
         kv_len_ref, rest = (rest[0], rest[1:]) if with_kv_len else (None, rest)
