@@ -130,6 +130,17 @@ def use_long_kv_variant(spec: str | None) -> None:
     flash_mgpu.LONG_KV_CONFIG = _mgpu_config(spec)
 
 
+def use_xla_norm(on: bool) -> None:
+    """Benchmark A/B: the q/k RMSNorm + RoPE through XLA in this process (`auto` does not pick our kernel)."""
+    if not on:
+        return
+    from sdjax.kernels import norm
+
+    reason = norm.unsupported_reason
+    norm.unsupported_reason = lambda backend, y, heads: ("off for this A/B" if backend == "pallas_mgpu"
+                                                         else reason(backend, y, heads))
+
+
 def peak_gib() -> float | None:
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")

@@ -23,7 +23,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import peak_gib, random_like, timed, torch_timing, use_long_kv_variant, write_results
+from benchmarks.common import (
+    peak_gib,
+    random_like,
+    timed,
+    torch_timing,
+    use_long_kv_variant,
+    use_xla_norm,
+    write_results,
+)
 from sdjax.config import ModelConfig
 from sdjax.models.wan.loading import abstract_transformer
 from sdjax.models.wan.transformer import WanTransformerConfig
@@ -48,8 +56,8 @@ def parse_case(case: str):
     return f"wan2.1-t2v-{size}", RES[res], 2 if b == "cfg" else int(b[1:]), b == "cfg"
 
 
-def bench_sdjax(cfg, shape, B, backend, cfg_batch=False):
-    model = random_like(abstract_transformer(cfg, "bfloat16", backend))
+def bench_sdjax(cfg, shape, B, backend, cfg_batch=False, fused_backend="auto", compiler_options=None):
+    model = random_like(abstract_transformer(cfg, "bfloat16", backend, fused_backend=fused_backend))
     key = jax.random.key(1)
     x = jax.random.normal(key, (B, 16, *shape), jnp.float32)
     if cfg_batch:
@@ -58,7 +66,7 @@ def bench_sdjax(cfg, shape, B, backend, cfg_batch=False):
     ctx = jax.random.normal(key, (B, TEXT_LEN, cfg.text_dim), jnp.float32)
     fwd = jax.jit(lambda m, x, t, c: m(x, t, c, cfg_batch=cfg_batch))
     t0 = time.perf_counter()
-    compiled = fwd.lower(model, x, t, ctx).compile()
+    compiled = fwd.lower(model, x, t, ctx).compile(compiler_options=compiler_options)
     compile_s = time.perf_counter() - t0
     times = timed(compiled, model, x, t, ctx, warmup=2, iters=5)
     out = compiled(model, x, t, ctx)
@@ -87,6 +95,11 @@ def bench_diffusers(cfg, shape, B):
     return seconds, peak
 
 
+def _parse_option(text: str):
+    name, _, value = text.partition("=")
+    return name, {"true": True, "false": False}.get(value.lower(), value)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--cases", default="1.3b-480p-b1,1.3b-480p-b2,1.3b-720p-b1,14b-480p-b1")
@@ -95,8 +108,14 @@ def main():
     p.add_argument("--tag", default="", help="suffix of the result file name (e.g. warm_cache)")
     p.add_argument("--long-kv-variant", help="A/B: the exact long-key attention kernel as this variant "
                    "(benchmarks/attention.py syntax, e.g. mgpu:64,192,2,0,1)")
+    p.add_argument("--fused-backend", default="auto", help="A/B: xla turns off the element-wise-fusing kernels")
+    p.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE",
+                   help="A/B: an XLA compiler option for the forward's jit (repeatable)")
+    p.add_argument("--xla-norm", action="store_true", help="A/B: q/k RMSNorm + RoPE through XLA, not our kernel")
     args = p.parse_args()
     use_long_kv_variant(args.long_kv_variant)
+    use_xla_norm(args.xla_norm)
+    options = dict(_parse_option(o) for o in args.xla_option) or None
     rows = []
     for case in args.cases.split(","):
         name, (h, w), B, cfg_batch = parse_case(case)
@@ -111,7 +130,7 @@ def main():
                 theirs = dict(diffusers_ms=d_s * 1e3, diffusers_peak_GiB=d_peak)
             except Exception as e:  # a missing wheel or OOM is reported, not fatal for the sdjax numbers
                 theirs = dict(diffusers_error=f"{type(e).__name__}: {str(e)[:80]}")
-        ms, compile_s, peak, finite = bench_sdjax(cfg, shape, B, args.backend, cfg_batch)
+        ms, compile_s, peak, finite = bench_sdjax(cfg, shape, B, args.backend, cfg_batch, args.fused_backend, options)
         row = {"case": case, "tokens": L, "sdjax_ms": ms * 1e3, "compile_s": compile_s, "peak_GiB": peak,
                "MFU": flops(cfg, L, B, cfg_batch) / ms / 1e12 / PEAK_TFLOPS, "finite": finite, **theirs}
         if "diffusers_ms" in theirs:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from benchmarks.cache import psnr
-from benchmarks.common import GpuSampler, peak_gib, random_like, use_long_kv_variant, write_results
+from benchmarks.common import GpuSampler, peak_gib, random_like, use_long_kv_variant, use_xla_norm, write_results
 from sdjax.config import ModelConfig, SystemConfig
 from sdjax.models.tokenizer import load_tokenizer
 from sdjax.models.umt5 import UMT5Config, UMT5Encoder
@@ -66,8 +66,10 @@ def main():
     p.add_argument("--tag", default="", help="suffix of the result file name (runs in one call must not share one)")
     p.add_argument("--long-kv-variant", help="A/B: the exact long-key attention kernel as this variant "
                    "(benchmarks/attention.py syntax, e.g. mgpu:64,192,2,0,1)")
+    p.add_argument("--xla-norm", action="store_true", help="A/B: q/k RMSNorm + RoPE through XLA, not our kernel")
     args = p.parse_args()
     use_long_kv_variant(args.long_kv_variant)
+    use_xla_norm(args.xla_norm)
     t0 = time.perf_counter()
     pipe = build(args.model, args.backend)
     build_s = time.perf_counter() - t0

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import timed, write_results
-from sdjax.models.wan.transformer import RMSNorm, apply_rope, layer_norm, rope_angles
+from sdjax.kernels.norm import apply_rope, rms_norm_rope
+from sdjax.models.wan.transformer import layer_norm, rope_angles
 
 L, D, N, K, F = 32760, 1536, 12, 128, 8960
 
@@ -76,14 +77,15 @@ def main():
     q = jax.random.normal(jax.random.key(0), (1, L, D), jnp.bfloat16)
     k = jax.random.normal(jax.random.key(1), (1, L, D), jnp.bfloat16)
     cos, sin = map(jnp.asarray, rope_angles((21, 30, 52), K, 10000.0))
-    norm_q, norm_k = RMSNorm(D, 1e-6), RMSNorm(D, 1e-6)
+    w = jnp.ones((D,), jnp.float32)
+    norm = lambda x, rope=None: rms_norm_rope(x, None, w, rope, heads=N, eps=1e-6, backend="xla")
     rows = []
     for what, rope in (("interleaved pairs (checkpoint order)", rope_interleaved),
                        ("halves, slice + concatenate", apply_rope), ("halves, flip", rope_halves_flip)):
-        fn = lambda q, k, rope=rope: (rope(norm_q(q).reshape(1, L, N, K), cos, sin),
-                                      rope(norm_k(k).reshape(1, L, N, K), cos, sin))
+        fn = lambda q, k, rope=rope: (rope(norm(q).reshape(1, L, N, K), cos, sin),
+                                      rope(norm(k).reshape(1, L, N, K), cos, sin))
         rows.append(row(f"q/k RMSNorm + RoPE, {what}", fn, q, k, min_bytes=4 * L * D * 2))
-    fn = lambda q, k: (norm_q(q, (cos, sin), N), norm_k(k, (cos, sin), N))  # the model's form
+    fn = lambda q, k: (norm(q, (cos, sin)), norm(k, (cos, sin)))  # the model's XLA form
     rows.append(row("q/k RMSNorm + RoPE, halves, scale after the rotation (one rounding)", fn, q, k,
                     min_bytes=4 * L * D * 2))
 

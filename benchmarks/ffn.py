@@ -5,7 +5,7 @@
 At Wan's FFN shapes (1.3B: 1,536 → 8,960; 14B: 5,120 → 13,824; 32,760 tokens, and 65,520 for batched CFG),
 checks the fused kernel against XLA (relative L2) and times: fc1 + bias + GELU alone per backend and kernel
 config (`block_m x block_n x stages`), the whole FFN (fc1 → GELU → fc2), and the 1.3B 480p DiT forward with
-`ffn_backend` xla vs auto, in the same process. Device-timed (the kernels' own time, benchmarks/gemm.py).
+`fused_backend` xla vs auto, in the same process. Device-timed (the kernels' own time, benchmarks/gemm.py).
 """
 
 from __future__ import annotations
@@ -74,11 +74,11 @@ def main():
         x = jax.random.normal(jax.random.key(1), (1, 16, 21, 60, 104), jnp.float32)
         t, ctx = jnp.full((1,), 500.0), jax.random.normal(jax.random.key(2), (1, TEXT_LEN, cfg.text_dim))
         outs = {}
-        for ffn_backend in ("xla", "auto"):
-            model = random_like(abstract_transformer(cfg, "bfloat16", "auto", ffn_backend=ffn_backend))
+        for fused_backend in ("xla", "auto"):
+            model = random_like(abstract_transformer(cfg, "bfloat16", "auto", fused_backend=fused_backend))
             fwd = jax.jit(lambda m, x, t, c: m(x, t, c))
-            outs[ffn_backend] = np.asarray(fwd(model, x, t, ctx), np.float32)
-            rows.append({"case": "1.3b-480p-b1", "what": f"DiT forward, ffn_backend={ffn_backend}",
+            outs[fused_backend] = np.asarray(fwd(model, x, t, ctx), np.float32)
+            rows.append({"case": "1.3b-480p-b1", "what": f"DiT forward, fused_backend={fused_backend}",
                          "ms": ms(lambda m, x, t, c: m(x, t, c), model, x, t, ctx)})
             print(rows[-1], flush=True)
             del model

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from sdjax.kernels.norm import apply_rope
 from sdjax.models.wan import load_transformer
 from sdjax.models.wan.loading import abstract_transformer
-from sdjax.models.wan.transformer import FP32_PARAMS, WanTransformerConfig, apply_rope, rope_pair_permutation
+from sdjax.models.wan.transformer import FP32_PARAMS, WanTransformerConfig, rope_pair_permutation
 from sdjax.models.weights import WeightsError
 from tests.conftest import FIXTURES, rel_l2
 

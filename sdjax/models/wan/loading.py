@@ -169,10 +169,11 @@ def read_transformer_config(directory: str | Path) -> WanTransformerConfig:
 
 
 def abstract_transformer(cfg: WanTransformerConfig, dtype: str, attention_backend: str = "auto",
-                         ffn_backend: str = "auto"):
-    """The model without memory (`nnx.eval_shape`); `ffn_backend` picks the FFN's fc1 + GELU kernel (benchmarks)."""
+                         fused_backend: str = "auto"):
+    """The model without memory (`nnx.eval_shape`). `fused_backend` picks the kernels that fuse element-wise work
+    into a pass (fc1 + GELU, q/k RMSNorm + RoPE): "auto" or "xla" (benchmarks' A/B)."""
     return nnx.eval_shape(lambda: WanTransformer3DModel(cfg, dtype=dtype, attention_backend=attention_backend,
-                                                        ffn_backend=ffn_backend, rngs=nnx.Rngs(0)))
+                                                        fused_backend=fused_backend, rngs=nnx.Rngs(0)))
 
 
 def load_transformer(path: str | Path, dtype: str = "float32", *, attention_backend: str = "auto",

@@ -23,6 +23,7 @@ from flax import nnx
 
 from sdjax.kernels.attention import LOSSY_BACKENDS, attention
 from sdjax.kernels.dense import gelu_dense
+from sdjax.kernels.norm import rms_norm_rope
 from sdjax.numerics import matmul_precision
 
 # ------------------------------------------------------------------------------------------ config
@@ -129,20 +130,16 @@ class LayerNorm(nnx.Module):
 class RMSNorm(nnx.Module):
     """RMSNorm over the whole model dim (all heads together), statistics in fp32."""
 
-    def __init__(self, dim, eps):
+    def __init__(self, dim, eps, backend: str = "auto"):
         self.eps = eps
+        self.backend = backend
         self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
 
-    def __call__(self, x, rope=None, heads: int = 1):
-        """RMSNorm; with `rope` = (cos, sin) also RoPE on its `heads` heads -> (..., heads, K). The per-token RMS
-        scale commutes with the rotation, so x⊙w is rotated, then scaled, and rounded to x's dtype once (one
-        fused pass; norm-then-rotate rounds twice and takes two: benchmarks/NOTES.md)."""
-        x32 = x.astype(jnp.float32)
-        scale = jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps)
-        y = x32 * self.weight[...]
-        if rope is not None:
-            y, scale = apply_rope(y.reshape(*y.shape[:-1], heads, -1), *rope), scale[..., None]
-        return (y * scale).astype(x.dtype)
+    def __call__(self, y, bias=None, rope=None, heads: int = 1):
+        """RMSNorm of y + bias (a projection's output and its bias, added in fp32); with `rope` = (cos, sin) also
+        RoPE on its `heads` heads. The per-token RMS scale commutes with the rotation, so x⊙w is rotated, then
+        scaled, and rounded to y's dtype once, in one pass (`sdjax.kernels.norm`; measured: benchmarks/NOTES.md)."""
+        return rms_norm_rope(y, bias, self.weight[...], rope, heads=heads, eps=self.eps, backend=self.backend)
 
 
 def rope_angles(grid: tuple[int, int, int], head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
@@ -170,15 +167,6 @@ def rope_pair_permutation(num_heads: int, head_dim: int) -> np.ndarray:
     fuse with the RMSNorm, where interleaved pairs need a strided reshape that XLA fuses badly."""
     per_head = np.concatenate([np.arange(0, head_dim, 2), np.arange(1, head_dim, 2)])
     return (np.arange(num_heads)[:, None] * head_dim + per_head[None, :]).reshape(-1)
-
-
-def apply_rope(x, cos, sin):
-    """Rotate the pairs (x[i], x[K/2 + i]) of x (B, L, N, K) by the angles (L, K/2), in fp32.
-
-    The checkpoint's pairs are interleaved; loading reorders q/k columns into halves (`rope_pair_permutation`)."""
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
-    return jnp.concatenate([x1 * c - x2 * s, x1 * s + x2 * c], axis=-1).astype(x.dtype)
 
 
 def timestep_sinusoid(t, dim):
@@ -255,7 +243,7 @@ class ConditionEmbedder(nnx.Module):
 class Attention(nnx.Module):
     """Multi-head attention with q/k RMSNorm across heads; RoPE on q/k when given (self-attention)."""
 
-    def __init__(self, cfg: WanTransformerConfig, dtype, attention_backend: str, rngs):
+    def __init__(self, cfg: WanTransformerConfig, dtype, attention_backend: str, rngs, fused_backend: str = "auto"):
         d = cfg.dim
         self.heads = cfg.num_attention_heads
         self.backend = attention_backend
@@ -263,14 +251,15 @@ class Attention(nnx.Module):
         self.to_k = _linear(d, d, dtype, rngs)
         self.to_v = _linear(d, d, dtype, rngs)
         self.to_out = _linear(d, d, dtype, rngs)
-        self.norm_q = RMSNorm(d, cfg.eps)
-        self.norm_k = RMSNorm(d, cfg.eps)
+        self.norm_q = RMSNorm(d, cfg.eps, fused_backend)
+        self.norm_k = RMSNorm(d, cfg.eps, fused_backend)
 
     def __call__(self, x, context=None, rope=None, attend=None):
         """`attend(q, k, v)` replaces the attention kernel call (sequence parallelism injects its own)."""
         src = x if context is None else context
-        q = self.norm_q(self.to_q(x), rope, self.heads)  # RoPE (self-attention) inside the norm's pass
-        k = self.norm_k(self.to_k(src), rope, self.heads)
+        # The biases join inside the norms' pass; RoPE (self-attention) too.
+        q = self.norm_q(_matmul(x, self.to_q), self.to_q.bias[...], rope, self.heads)
+        k = self.norm_k(_matmul(src, self.to_k), self.to_k.bias[...], rope, self.heads)
         # v's bias moves past the attention: softmax rows sum to 1, so attn(q, k, v + b_v) = attn(q, k, v) + b_v,
         # and to_out turns + b_v into + b_v W_o, one vector. Saves a pass over v (measured: benchmarks/NOTES.md).
         v = _matmul(src, self.to_v)
@@ -299,16 +288,16 @@ class FeedForward(nnx.Module):
 class WanBlock(nnx.Module):
     """Self-attention (modulated, gated) → cross-attention to text → FFN (modulated, gated)."""
 
-    def __init__(self, cfg: WanTransformerConfig, dtype, attention_backend: str, rngs, ffn_backend: str = "auto"):
+    def __init__(self, cfg: WanTransformerConfig, dtype, attention_backend: str, rngs, fused_backend: str = "auto"):
         self.eps = cfg.eps
         self.dtype = dtype
-        self.attn1 = Attention(cfg, dtype, attention_backend, rngs)
+        self.attn1 = Attention(cfg, dtype, attention_backend, rngs, fused_backend)
         self.norm2 = LayerNorm(cfg.dim, cfg.eps)
         # A lossy kernel is a speed choice for the long self-attention; the cross-attention to 512 text keys
         # gains nothing from it (measured slower, benchmarks/NOTES.md) and stays exact.
         cross_backend = "auto" if attention_backend in LOSSY_BACKENDS else attention_backend
-        self.attn2 = Attention(cfg, dtype, cross_backend, rngs)
-        self.ffn = FeedForward(cfg.dim, cfg.ffn_dim, dtype, rngs, ffn_backend)
+        self.attn2 = Attention(cfg, dtype, cross_backend, rngs, fused_backend)
+        self.ffn = FeedForward(cfg.dim, cfg.ffn_dim, dtype, rngs, fused_backend)
         self.scale_shift_table = nnx.Param(
             jax.random.normal(rngs.params(), (1, 6, cfg.dim), jnp.float32) / math.sqrt(cfg.dim))
 
@@ -388,7 +377,7 @@ class WanTransformer3DModel(nnx.Module):
     """`model(latents (B, C, F, H, W), timestep (B,), context (B, S, text_dim)) -> (B, C, F, H, W)`."""
 
     def __init__(self, cfg: WanTransformerConfig, *, dtype: str = "float32", attention_backend: str = "auto",
-                 ffn_backend: str = "auto", rngs: nnx.Rngs):
+                 fused_backend: str = "auto", rngs: nnx.Rngs):
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r} is not allowed: one of {', '.join(DTYPES)}")
         self.config = cfg
@@ -399,7 +388,7 @@ class WanTransformer3DModel(nnx.Module):
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def stacked_blocks(r):
-            return WanBlock(cfg, dt, attention_backend, r, ffn_backend)
+            return WanBlock(cfg, dt, attention_backend, r, fused_backend)
 
         self.blocks = stacked_blocks(rngs)  # every param has a leading (num_layers,) axis
         self.scale_shift_table = nnx.Param(

@@ -1,0 +1,80 @@
+"""q/k RMSNorm (+ RoPE) of an attention layer: one entry point, backends behind it.
+
+rms_norm_rope(y, bias, weight, rope) = rotate((y + bias) ⊙ weight) · rsqrt(mean((y + bias)²) + eps), rounded
+to y's dtype once; y is a projection's output without its bias, the statistics run over the whole model dim
+(Wan's "rms_norm_across_heads") and `rope` = (cos, sin) rotates the pairs (i, K/2 + i) of each head. The
+per-token RMS scale commutes with the rotation, so both are one pass over y.
+
+| backend       | platform           | what                                                                   |
+|---------------|--------------------|------------------------------------------------------------------------|
+| `xla`         | any                | jnp. With RoPE, XLA makes the statistics their own reduction kernel,   |
+|               |                    | so y (larger than the L2 at video lengths) is read from memory twice;  |
+|               |                    | without, it fuses the norm into one pass                               |
+| `pallas_mgpu` | GPU sm_90 (Hopper) | ours (`rms_rope_mgpu.py`): a 64-token row block stays in shared memory |
+| `auto`        |                    | `pallas_mgpu` for RoPE where it runs, else `xla`                       |
+
+Measured on an H200, device time (benchmarks/results/rms_rope_s9_NVIDIA_H200.md, 32,760 tokens): Wan-1.3B q or k
++ RoPE 0.085 → 0.069 ms (B=1), 0.175 → 0.126 (B=2); Wan-14B B=2 0.549 → 0.498. Without RoPE (the cross-attention's
+q) XLA's one pass is as fast or faster (1.3B B=1 0.058 vs 0.060; 14B 0.224 vs 0.253), so `auto` keeps it there.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from sdjax.kernels import rms_rope_mgpu
+
+BACKENDS = ("auto", "xla", "pallas_mgpu")
+
+
+def apply_rope(x, cos, sin):
+    """Rotate the pairs (x[i], x[K/2 + i]) of x (B, L, N, K) by the angles (L, K/2), in fp32.
+
+    The checkpoint's pairs are interleaved; loading reorders q/k columns into halves (`rope_pair_permutation`)."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return jnp.concatenate([x1 * c - x2 * s, x1 * s + x2 * c], axis=-1).astype(x.dtype)
+
+
+def _xla(y, bias, weight, rope, heads, eps):
+    x = y.astype(jnp.float32)
+    if bias is not None:
+        x = x + bias.astype(jnp.float32)
+    scale = jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + eps)
+    z = x * weight.astype(jnp.float32)
+    if rope is not None:
+        z = apply_rope(z.reshape(*z.shape[:-1], heads, -1), *rope).reshape(z.shape)
+    return (z * scale).astype(y.dtype)
+
+
+def unsupported_reason(backend: str, y, heads: int) -> str | None:
+    """Why `backend` can't normalize y here (None if it can)."""
+    if backend == "xla":
+        return None
+    if backend == "pallas_mgpu":
+        dev = jax.devices()[0]
+        if dev.platform != "gpu" or not str(getattr(dev, "compute_capability", "")).startswith("9."):
+            return f"needs an sm_90 (Hopper) GPU, got {dev.device_kind}"
+        if y.ndim != 3:
+            return f"needs y of shape (B, L, D), got {y.shape}"
+        return rms_rope_mgpu.unsupported_reason(y, heads)
+    raise ValueError(f"rms_norm_rope backend {backend!r} unknown; allowed: {', '.join(BACKENDS)}")
+
+
+def rms_norm_rope(y, bias, weight, rope=None, *, heads: int = 1, eps: float, backend: str = "auto"):
+    """y (..., D) [+ bias (D,)] RMS-normalized with weight (D,) and, given rope = (cos, sin) (L, K/2) for
+    y (B, L, D), rotated per head; -> (..., D) in y's dtype."""
+    if weight.shape != y.shape[-1:] or (bias is not None and bias.shape != weight.shape):
+        raise ValueError(f"rms_norm_rope: y{y.shape}, bias {None if bias is None else bias.shape} and "
+                         f"weight{weight.shape} disagree")
+    if backend == "auto":
+        fuse = rope is not None and unsupported_reason("pallas_mgpu", y, heads) is None
+        backend = "pallas_mgpu" if fuse else "xla"
+    elif (reason := unsupported_reason(backend, y, heads)) is not None:
+        raise ValueError(f"rms_norm_rope backend {backend!r} {reason}")
+    if backend == "xla":
+        return _xla(y, bias, weight, rope, heads, eps)
+    bias = jnp.zeros_like(weight) if bias is None else bias
+    cos, sin = (None, None) if rope is None else rope
+    return rms_rope_mgpu.rms_norm_rope_mgpu(y, bias, weight, cos, sin, heads=heads, eps=eps)
