@@ -5,7 +5,7 @@
 unsharded inputs and returns the one-device result:
 
 1. `embed` and `head` are cheap and run under GSPMD (replicated);
-2. `run_blocks` pads the tokens to a multiple of ring × ulysses, then runs the scan over the stacked blocks
+2. `run_blocks` pads the tokens to a multiple of 8 · ring × ulysses, then runs the scan over the stacked blocks
    inside `jax.shard_map`: every per-token op is local, self-attention communicates
    (`sequence_parallel_attention`), cross-attention to the (replicated) text needs nothing;
 3. the padding is dropped and the tokens gathered for the head.
@@ -56,7 +56,7 @@ class SequenceParallel:
         (`run_stacked_blocks`) shares block 0's self-attention only where a device holds both CFG branches."""
         B, L, _ = x.shape
         sp = self.ring * self.ulysses
-        Lp = -(-L // sp) * sp
+        Lp = -(-L // (8 * sp)) * 8 * sp  # whole 8-token tiles a device: what the q/k norm kernel's TMA copies take
         cos, sin = (jnp.pad(t, ((0, Lp - L), (0, 0))) for t in rope)
         x = jnp.pad(x, ((0, 0), (0, Lp - L), (0, 0)))
         b = self.batch_axis(B)
