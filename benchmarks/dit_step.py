@@ -41,9 +41,9 @@ PEAK_TFLOPS = 764.0
 TEXT_LEN = 512
 
 
-def flops(cfg: WanTransformerConfig, L: int, B: int, cfg_batch: bool = False) -> float:
+def flops(cfg: WanTransformerConfig, L: int, B: int, cfg_batch: bool = False, text_len: int = TEXT_LEN) -> float:
     """Matmul FLOPs of one forward (shared/research/wan.md §7); a CFG batch runs one self-attention less."""
-    d, f, Lt = cfg.dim, cfg.ffn_dim, TEXT_LEN
+    d, f, Lt = cfg.dim, cfg.ffn_dim, text_len
     self_attention = 8 * L * d * d + 4 * L * L * d
     per_layer = self_attention + 4 * L * d * d + 4 * Lt * d * d + 4 * L * d * f + 4 * L * Lt * d
     return B * cfg.num_layers * per_layer - (self_attention if cfg_batch else 0)
@@ -56,14 +56,15 @@ def parse_case(case: str):
     return f"wan2.1-t2v-{size}", RES[res], 2 if b == "cfg" else int(b[1:]), b == "cfg"
 
 
-def bench_sdjax(cfg, shape, B, backend, cfg_batch=False, fused_backend="auto", compiler_options=None):
+def bench_sdjax(cfg, shape, B, backend, cfg_batch=False, fused_backend="auto", compiler_options=None,
+                text_len=TEXT_LEN):
     model = random_like(abstract_transformer(cfg, "bfloat16", backend, fused_backend=fused_backend))
     key = jax.random.key(1)
     x = jax.random.normal(key, (B, 16, *shape), jnp.float32)
     if cfg_batch:
         x = jnp.concatenate([x[:1], x[:1]])
     t = jnp.full((B,), 500.0)
-    ctx = jax.random.normal(key, (B, TEXT_LEN, cfg.text_dim), jnp.float32)
+    ctx = jax.random.normal(key, (B, text_len, cfg.text_dim), jnp.float32)
     fwd = jax.jit(lambda m, x, t, c: m(x, t, c, cfg_batch=cfg_batch))
     t0 = time.perf_counter()
     compiled = fwd.lower(model, x, t, ctx).compile(compiler_options=compiler_options)
@@ -112,6 +113,8 @@ def main():
     p.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE",
                    help="A/B: an XLA compiler option for the forward's jit (repeatable)")
     p.add_argument("--xla-norm", action="store_true", help="A/B: q/k RMSNorm + RoPE through XLA, not our kernel")
+    p.add_argument("--text-len", type=int, default=TEXT_LEN, help="text tokens of the context (Wan pads to 512; "
+                   "shorter: what a forward would cost with the padding folded away)")
     args = p.parse_args()
     use_long_kv_variant(args.long_kv_variant)
     use_xla_norm(args.xla_norm)
@@ -130,9 +133,11 @@ def main():
                 theirs = dict(diffusers_ms=d_s * 1e3, diffusers_peak_GiB=d_peak)
             except Exception as e:  # a missing wheel or OOM is reported, not fatal for the sdjax numbers
                 theirs = dict(diffusers_error=f"{type(e).__name__}: {str(e)[:80]}")
-        ms, compile_s, peak, finite = bench_sdjax(cfg, shape, B, args.backend, cfg_batch, args.fused_backend, options)
-        row = {"case": case, "tokens": L, "sdjax_ms": ms * 1e3, "compile_s": compile_s, "peak_GiB": peak,
-               "MFU": flops(cfg, L, B, cfg_batch) / ms / 1e12 / PEAK_TFLOPS, "finite": finite, **theirs}
+        ms, compile_s, peak, finite = bench_sdjax(cfg, shape, B, args.backend, cfg_batch, args.fused_backend, options,
+                                                  args.text_len)
+        row = {"case": case, "tokens": L, "text_tokens": args.text_len, "sdjax_ms": ms * 1e3, "compile_s": compile_s,
+               "peak_GiB": peak,
+               "MFU": flops(cfg, L, B, cfg_batch, args.text_len) / ms / 1e12 / PEAK_TFLOPS, "finite": finite, **theirs}
         if "diffusers_ms" in theirs:
             row["speedup"] = theirs["diffusers_ms"] / (ms * 1e3)
         rows.append(row)
