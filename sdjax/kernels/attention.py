@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from sdjax.kernels import attention_table, flash_mgpu, flash_pallas
+from sdjax.kernels.platform import not_hopper_reason
 from sdjax.kernels.splash import splash_attention
 from sdjax.numerics import matmul_precision
 
@@ -123,10 +124,6 @@ def _device():
     return jax.devices()[0]
 
 
-def _is_hopper(device) -> bool:
-    return str(getattr(device, "compute_capability", "")).startswith("9.")
-
-
 def _unsupported(backend: str, q, kv_len=None) -> str | None:
     """Why `backend` can't run q (B, T, N, H) on this platform, or None if it can."""
     dev = _device()
@@ -142,8 +139,8 @@ def _unsupported(backend: str, q, kv_len=None) -> str | None:
             return f"supports head_dim <= 128 and a multiple of 8, got {H}"
         return None
     if backend in ("pallas_mgpu", *LOSSY_BACKENDS):
-        if platform != "gpu" or not _is_hopper(dev):
-            return f"needs an sm_90 (Hopper) GPU, got {dev.device_kind}"
+        if (reason := not_hopper_reason()) is not None:
+            return reason
         return flash_mgpu.unsupported_reason(q, q, q, int8_qk=backend in LOSSY_BACKENDS)
     if backend == "pallas_triton":
         if platform not in ("gpu", "cpu"):

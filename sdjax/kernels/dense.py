@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from sdjax.kernels import gelu_dense_mgpu
+from sdjax.kernels.platform import not_hopper_reason
 from sdjax.numerics import matmul_precision
 
 BACKENDS = ("auto", "xla", "pallas_mgpu")
@@ -35,10 +36,7 @@ def unsupported_reason(backend: str, x, w) -> str | None:
     if backend == "xla":
         return None
     if backend == "pallas_mgpu":
-        dev = jax.devices()[0]
-        if dev.platform != "gpu" or not str(getattr(dev, "compute_capability", "")).startswith("9."):
-            return f"needs an sm_90 (Hopper) GPU, got {dev.device_kind}"
-        return gelu_dense_mgpu.unsupported_reason(x, w)
+        return not_hopper_reason() or gelu_dense_mgpu.unsupported_reason(x, w)
     raise ValueError(f"gelu_dense backend {backend!r} unknown; allowed: {', '.join(BACKENDS)}")
 
 

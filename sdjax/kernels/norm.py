@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from sdjax.kernels import rms_rope_mgpu
+from sdjax.kernels.platform import not_hopper_reason
 
 BACKENDS = ("auto", "xla", "pallas_mgpu")
 
@@ -53,9 +54,8 @@ def unsupported_reason(backend: str, y, heads: int) -> str | None:
     if backend == "xla":
         return None
     if backend == "pallas_mgpu":
-        dev = jax.devices()[0]
-        if dev.platform != "gpu" or not str(getattr(dev, "compute_capability", "")).startswith("9."):
-            return f"needs an sm_90 (Hopper) GPU, got {dev.device_kind}"
+        if (reason := not_hopper_reason()) is not None:
+            return reason
         if y.ndim != 3:
             return f"needs y of shape (B, L, D), got {y.shape}"
         return rms_rope_mgpu.unsupported_reason(y, heads)
