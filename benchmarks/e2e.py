@@ -17,6 +17,7 @@ from flax import nnx
 
 from benchmarks.cache import psnr
 from benchmarks.common import GpuSampler, peak_gib, random_like, use_long_kv_variant, use_xla_norm, write_results
+from sdjax import pipeline as pipeline_module
 from sdjax.config import ModelConfig, SystemConfig
 from sdjax.models.tokenizer import load_tokenizer
 from sdjax.models.umt5 import UMT5Config, UMT5Encoder
@@ -67,7 +68,11 @@ def main():
     p.add_argument("--long-kv-variant", help="A/B: the exact long-key attention kernel as this variant "
                    "(benchmarks/attention.py syntax, e.g. mgpu:64,192,2,0,1)")
     p.add_argument("--xla-norm", action="store_true", help="A/B: q/k RMSNorm + RoPE through XLA, not our kernel")
+    p.add_argument("--no-text-fold", action="store_true",
+                   help="A/B: the cross-attention on the whole padded text (pipeline.TEXT_FOLD_ROWS = 0)")
     args = p.parse_args()
+    if args.no_text_fold:
+        pipeline_module.TEXT_FOLD_ROWS = 0
     use_long_kv_variant(args.long_kv_variant)
     use_xla_norm(args.xla_norm)
     t0 = time.perf_counter()

@@ -31,10 +31,11 @@ from sdjax.config import (
     SystemConfig,
     UserParams,
 )
+from sdjax.kernels.attention import KEY_BIAS_BACKENDS
 from sdjax.models.tokenizer import encode_prompts, load_tokenizer, prompt_clean, wan_text_context
 from sdjax.models.umt5 import load_text_encoder
 from sdjax.models.wan.loading import load_transformer
-from sdjax.models.wan.transformer import WanTransformerConfig
+from sdjax.models.wan.transformer import WanTransformerConfig, fold_text_padding, text_lengths
 from sdjax.models.wan.vae import COMPILER_OPTIONS as VAE_COMPILER_OPTIONS
 from sdjax.models.wan.vae import load_vae
 from sdjax.models.weights import WeightsError, read_config
@@ -43,6 +44,10 @@ from sdjax.sharding import vae as parallel_vae
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer")
 DEMO_MODEL = "sdjax-demo"
+# Text rows a folded context keeps (`fold_text_padding`): prompts shorter than this attend to that many keys
+# instead of max_sequence_length, the same function. 128 saved 8.6 ms of a CFG step on an H100; 64 no more
+# (benchmarks/NOTES.md, session 9). 0 turns folding off (benchmarks' A/B).
+TEXT_FOLD_ROWS = 128
 
 
 class Cancelled(Exception):
@@ -202,18 +207,32 @@ class Pipeline:
         policy = params.cache.policy
         plan = cache.make_plan(policy, params.cache.threshold, n, max_steps, self.transformer.config)
         plan = jax.tree.map(jnp.asarray, plan)
+        cond, uncond = self._fold_text_padding(text.cond, uncond)
         state = loop.init_state(params.solver, latents, policy, model=self.transformer, do_cfg=do_cfg,
                                 max_steps=max_steps)
         for i in range(n):
             if should_stop is not None and should_stop():
                 raise Cancelled(f"stopped before step {i + 1} of {n}")
-            state = loop.denoise_step(self.transformer, state, jnp.int32(i), schedule, text.cond, uncond, guidance,
+            state = loop.denoise_step(self.transformer, state, jnp.int32(i), schedule, cond, uncond, guidance,
                                       plan, solver=params.solver, do_cfg=do_cfg, policy=policy)
             if on_step is not None:
                 on_step(i + 1, n)
         if stats is not None:
             stats.update(cache.summary(state.cache, n))
         return state.latents
+
+    def _fold_text_padding(self, cond, uncond):
+        """Both CFG contexts as `FoldedText`s of their first TEXT_FOLD_ROWS rows when every prompt's tokens end
+        before that (the rest is Wan's zero padding) and the cross-attention takes a key bias; else unchanged."""
+        S = cond.shape[1]
+        if not 0 < TEXT_FOLD_ROWS < S or self.transformer.blocks.attn2.backend not in ("auto", *KEY_BIAS_BACKENDS):
+            return cond, uncond
+        lengths = [int(n) for n in jax.device_get(text_lengths(jnp.concatenate([cond, uncond])))]  # one sync
+        if max(lengths) >= TEXT_FOLD_ROWS:
+            return cond, uncond
+        B = cond.shape[0]
+        return (fold_text_padding(cond, lengths[:B], TEXT_FOLD_ROWS),
+                fold_text_padding(uncond, lengths[B:], TEXT_FOLD_ROWS))
 
     def decode(self, latents) -> np.ndarray:
         """Stage 3: VAE decode -> frames (F, H, W, 3) float32 in [0, 1]."""
@@ -222,15 +241,18 @@ class Pipeline:
     def warmup(self, params: UserParams) -> None:
         """Compile every stage for this request's shape (the service calls it at start-up).
 
-        The denoise step is compiled once per solver and cache policy, the per-request choices that change the
-        program (thresholds are traced values), so no request pays a compile; the persistent compilation cache
-        makes this cheap after the first start."""
+        The denoise step is compiled once per solver, cache policy and text form (padding folded for prompts
+        shorter than TEXT_FOLD_ROWS tokens, whole otherwise), the per-request choices that change the program
+        (thresholds are traced values), so no request pays a compile; the persistent compilation cache makes this
+        cheap after the first start."""
         params = dataclasses.replace(params, num_inference_steps=1)
         text = self.encode_text(params)
+        # The step runs on folded text padding for short prompts and on the whole context for long ones.
+        unpadded = TextEmbeddings(*(None if c is None else c.at[:, -1].set(1.0) for c in (text.cond, text.uncond)))
         latents = None
-        for solver, policy in itertools.product(SOLVERS, CACHE_POLICIES):
+        for solver, policy, txt in itertools.product(SOLVERS, CACHE_POLICIES, (text, unpadded)):
             variant = dataclasses.replace(params, solver=solver, cache=CacheParams(policy, params.cache.threshold))
-            latents = self.denoise(variant, text)
+            latents = self.denoise(variant, txt)
         self.decode(latents)
 
     # ------------------------------------------------------------------ one call

@@ -2,7 +2,9 @@
 
 Layout (B, T, N, H): batch, tokens, heads, head dim. Non-causal, softmax scale 1/sqrt(H).
 `kv_len` (B,) optionally marks how many keys of each row are real; keys at or past it are masked.
-Values are clipped to [1, S] (a row always attends to at least one key).
+Values are clipped to [1, S] (a row always attends to at least one key). `key_bias` (B, S) optionally adds a
+per-key constant to every query's logits (a key standing for several equal keys carries log(their count));
+the `xla` and `cudnn` backends take it, and `auto` then picks between those two.
 
 Backends live behind `attention(..., backend=...)`; each declares what it supports and raises a clear
 `AttentionBackendError` otherwise — no silent fallback inside layers:
@@ -58,7 +60,7 @@ class AttentionBackendError(ValueError):
 # ------------------------------------------------------------------------------------------ backends
 
 
-def _xla_attention(q, k, v, kv_len, *, q_chunk: int = 2048):
+def _xla_attention(q, k, v, kv_len, key_bias=None, *, q_chunk: int = 2048):
     """Reference attention in plain XLA, fp32 softmax.
 
     Queries are processed in chunks with `lax.map`, so memory is O(q_chunk x S) per head instead of S x S:
@@ -74,6 +76,8 @@ def _xla_attention(q, k, v, kv_len, *, q_chunk: int = 2048):
 
     def one_chunk(qc):  # qc: (B, C, N, H)
         logits = jnp.einsum("bqnh,bknh->bnqk", qc, k, preferred_element_type=jnp.float32, precision=prec) * scale
+        if key_bias is not None:
+            logits = logits + key_bias[:, None, None, :].astype(jnp.float32)
         if mask is not None:
             logits = jnp.where(mask[:, None, None, :], logits, -jnp.inf)
         p = jax.nn.softmax(logits, axis=-1)
@@ -90,10 +94,14 @@ def _xla_attention(q, k, v, kv_len, *, q_chunk: int = 2048):
     return out.astype(q.dtype)
 
 
-def _cudnn_attention(q, k, v, kv_len):
+def _cudnn_attention(q, k, v, kv_len, key_bias=None):
     kv_seq = None if kv_len is None else kv_len.astype(jnp.int32)
     q_seq = None if kv_len is None else jnp.full((q.shape[0],), q.shape[1], jnp.int32)
-    return jax.nn.dot_product_attention(q, k, v, query_seq_lengths=q_seq, key_value_seq_lengths=kv_seq,
+    bias = None
+    if key_bias is not None:  # cuDNN takes a (B, 1, T, S) bias: broadcast over the heads only
+        B, T, _, _ = q.shape
+        bias = jnp.broadcast_to(key_bias[:, None, None, :].astype(q.dtype), (B, 1, T, k.shape[1]))
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, query_seq_lengths=q_seq, key_value_seq_lengths=kv_seq,
                                         implementation="cudnn")
 
 
@@ -180,8 +188,11 @@ def choose_backend(q, k, kv_len=None) -> str:
     return "xla"
 
 
-def attention(q, k, v, *, kv_len=None, backend: str = "auto"):
-    """softmax(q kᵀ / sqrt(H)) v over all (unmasked) keys; q (B,T,N,H), k/v (B,S,N,H) -> (B,T,N,H)."""
+KEY_BIAS_BACKENDS = ("xla", "cudnn")
+
+
+def attention(q, k, v, *, kv_len=None, key_bias=None, backend: str = "auto"):
+    """softmax(q kᵀ / sqrt(H) [+ key_bias]) v over all (unmasked) keys; q (B,T,N,H), k/v (B,S,N,H) -> (B,T,N,H)."""
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"attention expects (B, T, N, H) inputs, got q{q.shape} k{k.shape} v{v.shape}")
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
@@ -195,6 +206,17 @@ def attention(q, k, v, *, kv_len=None, backend: str = "auto"):
         kv_len = jnp.clip(kv_len.astype(jnp.int32), 1, k.shape[1])
     if backend not in BACKENDS:
         raise AttentionBackendError(f"attention backend {backend!r} unknown; allowed: {', '.join(BACKENDS)}")
+    if key_bias is not None:
+        if key_bias.shape != k.shape[:2]:
+            raise ValueError(f"attention: key_bias must have shape (B, S) = {k.shape[:2]}, got {key_bias.shape}")
+        if backend == "auto":
+            backend = "cudnn" if _unsupported("cudnn", q, kv_len) is None else "xla"
+        elif backend not in KEY_BIAS_BACKENDS:
+            raise AttentionBackendError(f"attention backend {backend!r} takes no key_bias; those that do: "
+                                        f"{', '.join(KEY_BIAS_BACKENDS)}")
+        elif (reason := _unsupported(backend, q, kv_len)) is not None:
+            raise AttentionBackendError(f"attention backend {backend!r} {reason}")
+        return _RUN[backend](q, k, v, kv_len, key_bias)
     if backend == "auto":
         backend = choose_backend(q, k, kv_len)
     elif (reason := _unsupported(backend, q, kv_len)) is not None:

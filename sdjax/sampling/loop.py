@@ -63,8 +63,8 @@ def _guided(forward, latents, timestep, cond, uncond, guidance, do_cfg: bool):
     t = jnp.full((B,), timestep, jnp.float32)
     if not do_cfg:
         return forward(latents, t, cond, False)
-    v, aux = forward(jnp.concatenate([latents, latents]), jnp.concatenate([t, t]), jnp.concatenate([cond, uncond]),
-                     True)
+    context = jax.tree.map(lambda c, u: jnp.concatenate([c, u]), cond, uncond)  # arrays or `FoldedText`s
+    v, aux = forward(jnp.concatenate([latents, latents]), jnp.concatenate([t, t]), context, True)
     v_cond, v_uncond = v[:B], v[B:]
     return v_uncond + guidance * (v_cond - v_uncond), aux
 

@@ -258,3 +258,26 @@ def test_fp8_pv_key_order_of_k_undoes_the_register_packing_of_p():
     v_padded = np.pad(np.asarray(v), ((0, 0), (0, 3), (0, 0), (0, 0)))  # natural key order
     got = np.einsum("bnts,bsnh->btnh", operand, v_padded) / operand.sum(-1).transpose(0, 2, 1)[..., None]
     np.testing.assert_allclose(got, _exact(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["auto", "xla"])
+def test_key_bias_is_added_to_every_querys_logits(backend):
+    """key_bias (B, S): softmax(q kᵀ / sqrt(H) + bias) v, against float64; with kv_len masking too."""
+    seed, q, k, v = random_qkv(2, 40, 24, 2, 64, jnp.float32)
+    bias = jnp.asarray(np.random.default_rng(seed).uniform(-2, 2, (2, 24)), jnp.float32)
+    kv_len = jnp.asarray([24, 10])
+    out = np.asarray(attention(q, k, v, kv_len=kv_len, key_bias=bias, backend=backend), np.float64)
+    q64, k64, v64, b64 = (np.asarray(a, np.float64) for a in (q, k, v, bias))
+    logits = np.einsum("bqnh,bknh->bnqk", q64, k64) / np.sqrt(64) + b64[:, None, None, :]
+    logits[1, :, :, 10:] = -np.inf
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    ref = np.einsum("bnqk,bknh->bqnh", p / p.sum(-1, keepdims=True), v64)
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-5, f"seed {seed}"
+
+
+def test_key_bias_names_the_backends_that_take_it():
+    _, q, k, v = random_qkv(1, 8, 8, 1, 64, jnp.bfloat16)
+    with pytest.raises(AttentionBackendError, match="takes no key_bias; those that do: xla, cudnn"):
+        attention(q, k, v, key_bias=jnp.zeros((1, 8)), backend="pallas_triton")
+    with pytest.raises(ValueError, match=r"key_bias must have shape \(B, S\) = \(1, 8\)"):
+        attention(q, k, v, key_bias=jnp.zeros((1, 7)))

@@ -12,7 +12,14 @@ from flax import nnx
 from sdjax.kernels.norm import apply_rope
 from sdjax.models.wan import load_transformer
 from sdjax.models.wan.loading import abstract_transformer
-from sdjax.models.wan.transformer import FP32_PARAMS, WanTransformerConfig, rope_pair_permutation
+from sdjax.models.wan.transformer import (
+    FP32_PARAMS,
+    FoldedText,
+    WanTransformerConfig,
+    fold_text_padding,
+    rope_pair_permutation,
+    text_lengths,
+)
 from sdjax.models.weights import WeightsError
 from tests.conftest import FIXTURES, rel_l2
 
@@ -284,3 +291,44 @@ def test_cfg_batch_first_block_alone_is_the_first_block():
         plain = model.run_blocks(h, e0, text, rope, layers=layers)
         shared = model.run_blocks(h, e0, text, rope, layers=layers, cfg_batch=True)
         assert rel_l2(np.asarray(shared), np.asarray(plain)) <= 1e-6, layers
+
+
+def _padded_context(io, lengths, S):
+    """Wan's text contexts: each row's first `lengths[b]` tokens real, zero rows up to S."""
+    rng = np.random.default_rng(2)
+    c = rng.standard_normal((len(lengths), S, io["context"].shape[2])).astype(np.float32)
+    for b, n in enumerate(lengths):
+        c[b, n:] = 0.0
+    return jnp.asarray(c)
+
+
+@pytest.mark.parametrize("cfg_batch", [False, True], ids=["batch", "cfg_batch"])
+def test_folded_text_padding_is_the_same_function(cfg_batch):
+    """Attention to M equal padded keys = attention to m of them with log(M / m) on their logits: a context folded
+    to its first `keep` rows (`fold_text_padding`) gives the forward of the whole padded one (fp32, 1e-6)."""
+    io = np.load(DIT / "heads3_b2" / "io.npz")
+    model = load_transformer(DIT / "heads3_b2", dtype="float32")
+    lengths, S, keep = [5, 11], 64, 16
+    c = _padded_context(io, lengths, S)
+    x, t = (jnp.asarray(io[k][:1]) for k in ("latents", "timestep"))
+    x, t = jnp.concatenate([x, x]), jnp.concatenate([t, t])
+    np.testing.assert_array_equal(np.asarray(text_lengths(c)), lengths)
+    folded = fold_text_padding(c, text_lengths(c), keep)
+    assert folded.context.shape == (2, keep, c.shape[2])
+    expected = np.log([(S - 5) / (keep - 5), (S - 11) / (keep - 11)])  # log(padded rows / kept zero rows)
+    np.testing.assert_allclose(np.asarray(folded.key_bias[:, -1]), expected, rtol=1e-6)
+    assert not np.asarray(folded.key_bias[0, :5]).any() and not np.asarray(folded.key_bias[1, :11]).any()
+    forward = jax.jit(lambda m, x, t, c: m(x, t, c, cfg_batch=cfg_batch))
+    whole, fewer = np.asarray(forward(model, x, t, c)), np.asarray(forward(model, x, t, folded))
+    assert rel_l2(fewer, whole) <= 1e-6
+    truncated = np.asarray(forward(model, x, t, c[:, :keep]))  # the same rows without the bias: another function
+    assert rel_l2(truncated, whole) > 1e-4
+
+
+def test_folded_text_checks_its_bias_shape():
+    io = np.load(DIT / "heads2_odd" / "io.npz")
+    model = load_transformer(DIT / "heads2_odd", dtype="float32")
+    c = _padded_context(io, [3], 16)
+    x, t = jnp.asarray(io["latents"][:1]), jnp.asarray(io["timestep"][:1])
+    with pytest.raises(ValueError, match="key_bias must be"):
+        model(x, t, FoldedText(c[:, :8], jnp.zeros((1, 7))))

@@ -147,3 +147,24 @@ def test_warmup_compiles_every_solver_and_cache_policy(pipe):
                       {"policy": "static", "threshold": 2}, {"policy": "none"}):
             pipe("a cat", num_inference_steps=3, solver=solver, cache=cache, progress=False, **kw)
     assert loop.denoise_step._cache_size() == compiled
+
+
+@pytest.mark.parametrize("prompt, folded_form", [("cat", "FoldedText"), ("a red circle moves left", "ArrayImpl")],
+                         ids=["short_prompt_folded", "long_prompt_whole"])
+def test_folded_text_padding_gives_the_same_frames(pipe, prompt, folded_form, monkeypatch):
+    """Prompts shorter than TEXT_FOLD_ROWS tokens run the cross-attention on their folded padding (here: 8 of 16
+    rows); longer ones on the whole context. Either way the frames are the unfolded ones (fp32)."""
+    import sdjax.pipeline as pipeline_module
+
+    kw = dict(negative_prompt="", height=32, width=48, num_frames=5, num_inference_steps=3, guidance_scale=5.0,
+              max_sequence_length=16, seed=0, progress=False)
+    forms = []
+    fold = pipe._fold_text_padding
+    monkeypatch.setattr(pipe, "_fold_text_padding", lambda c, u: forms.append(fold(c, u)) or forms[-1])
+    monkeypatch.setattr(pipeline_module, "TEXT_FOLD_ROWS", 8)
+    folded = pipe(prompt, **kw).frames
+    monkeypatch.setattr(pipeline_module, "TEXT_FOLD_ROWS", 0)
+    whole = pipe(prompt, **kw).frames
+    assert [type(c).__name__ for c in forms[0]] == [folded_form] * 2
+    assert [type(c).__name__ for c in forms[1]] == ["ArrayImpl"] * 2
+    assert np.abs(folded - whole).max() <= 1e-5

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -177,6 +178,39 @@ def timestep_sinusoid(t, dim):
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
+# ------------------------------------------------------------------------------------------ text padding
+
+
+class FoldedText(NamedTuple):
+    """A text context with most of its zero padding folded away (`fold_text_padding`).
+
+    Wan pads every prompt's context to max_sequence_length rows with zeros; the text embedder maps a zero row to one
+    vector, so a row's padded keys and values are one key repeated. Attention to M equal keys equals attention to
+    m of them with log(M / m) added to their logits — exact. `context` (B, S', text_dim) keeps each row's real
+    tokens and at least one zero row; `key_bias` (B, S') is 0 on real tokens and log(M / m) on the kept zero rows.
+    """
+
+    context: jax.Array
+    key_bias: jax.Array
+
+
+def text_lengths(context) -> jax.Array:
+    """(B, S, T) -> (B,) int32: each row's tokens up to its last nonzero one (the rest is zero padding)."""
+    nonzero = jnp.any(context != 0, axis=-1)  # (B, S)
+    return jnp.max(jnp.where(nonzero, jnp.arange(1, context.shape[1] + 1), 0), axis=1).astype(jnp.int32)
+
+
+def fold_text_padding(context, lengths, keep: int) -> FoldedText:
+    """context (B, S, T) whose rows past `lengths` (B,) are zero -> its first `keep` rows and the key bias that
+    makes attention to them equal attention to all S rows (`FoldedText`). Needs lengths < keep ≤ S."""
+    S = context.shape[1]
+    lengths = jnp.asarray(lengths, jnp.int32)
+    pads_kept = (keep - lengths).astype(jnp.float32)[:, None]  # ≥ 1
+    bias = jnp.log((S - lengths).astype(jnp.float32)[:, None] / pads_kept)
+    is_pad = jnp.arange(keep)[None, :] >= lengths[:, None]
+    return FoldedText(context[:, :keep], jnp.where(is_pad, bias, 0.0))
+
+
 # ------------------------------------------------------------------------------------------ embeddings
 
 
@@ -254,8 +288,9 @@ class Attention(nnx.Module):
         self.norm_q = RMSNorm(d, cfg.eps, fused_backend)
         self.norm_k = RMSNorm(d, cfg.eps, fused_backend)
 
-    def __call__(self, x, context=None, rope=None, attend=None):
-        """`attend(q, k, v)` replaces the attention kernel call (sequence parallelism injects its own)."""
+    def __call__(self, x, context=None, rope=None, attend=None, key_bias=None):
+        """`attend(q, k, v)` replaces the attention kernel call (sequence parallelism injects its own); `key_bias`
+        (B, S) is added to the logits of the context's keys (folded text padding, `FoldedText`)."""
         src = x if context is None else context
         # The biases join inside the norms' pass; RoPE (self-attention) too.
         q = self.norm_q(_matmul(x, self.to_q), self.to_q.bias[...], rope, self.heads)
@@ -266,7 +301,7 @@ class Attention(nnx.Module):
         out_bias = self.to_out.bias[...] + _matmul(self.to_v.bias[...], self.to_out)
         heads = lambda t: t.reshape(*t.shape[:2], self.heads, -1)  # (B, T, D) -> (B, T, N, K)
         q, k, v = heads(q), heads(k), heads(v)
-        out = attention(q, k, v, backend=self.backend) if attend is None else attend(q, k, v)
+        out = attention(q, k, v, key_bias=key_bias, backend=self.backend) if attend is None else attend(q, k, v)
         return _matmul(out.reshape(*out.shape[:2], -1), self.to_out) + out_bias
 
 
@@ -302,7 +337,8 @@ class WanBlock(nnx.Module):
             jax.random.normal(rngs.params(), (1, 6, cfg.dim), jnp.float32) / math.sqrt(cfg.dim))
 
     def __call__(self, x, e0, text, rope, attend=None):
-        """x (B, L, D) fp32 residual stream; e0 (B, 6, D) fp32; text (B, S, D); rope = (cos, sin).
+        """x (B, L, D) fp32 residual stream; e0 (B, 6, D) fp32; text = (states (B, S, D), key bias (B, S) or None);
+        rope = (cos, sin).
 
         `attend` is the self-attention kernel when the tokens are split over devices (cross-attention to the
         whole text needs no communication and keeps the plain kernel)."""
@@ -318,7 +354,8 @@ class WanBlock(nnx.Module):
         """The second half: cross-attention to the text, then the modulated, gated FFN."""
         shift2, scale2, gate2 = self._modulation(e0, 3)
         u = self.norm2(x).astype(self.dtype)
-        x = x + self.attn2(u, context=text).astype(jnp.float32)
+        states, key_bias = text
+        x = x + self.attn2(u, context=states, key_bias=key_bias).astype(jnp.float32)
         u = (layer_norm(x, self.eps) * (1 + scale2) + shift2).astype(self.dtype)
         return x + self.ffn(u).astype(jnp.float32) * gate2
 
@@ -374,7 +411,8 @@ def scan_layers(apply, x, stacked_state, layers=None):
 
 
 class WanTransformer3DModel(nnx.Module):
-    """`model(latents (B, C, F, H, W), timestep (B,), context (B, S, text_dim)) -> (B, C, F, H, W)`."""
+    """`model(latents (B, C, F, H, W), timestep (B,), context (B, S, text_dim)) -> (B, C, F, H, W)`; context may
+    also be a `FoldedText` (the same function, less cross-attention work)."""
 
     def __init__(self, cfg: WanTransformerConfig, *, dtype: str = "float32", attention_backend: str = "auto",
                  fused_backend: str = "auto", rngs: nnx.Rngs):
@@ -401,12 +439,14 @@ class WanTransformer3DModel(nnx.Module):
     # The pieces, so samplers and caches can compose them (embed → blocks → head).
 
     def embed(self, latents, timestep, context):
-        """Returns x (B, L, D) fp32, temb (B, D), e0 (B, 6, D), text (B, S, D), rope (cos, sin)."""
-        self._check_inputs(latents, timestep, context)
+        """Returns x (B, L, D) fp32, temb (B, D), e0 (B, 6, D), text = (states (B, S, D), key bias (B, S) or
+        None), rope (cos, sin)."""
+        context, key_bias = (context.context, context.key_bias) if isinstance(context, FoldedText) else (context, None)
+        self._check_inputs(latents, timestep, context, key_bias)
         cfg = self.config
         x = self.patch_embedding(latents).astype(jnp.float32)
         temb, e0 = self.condition_embedder.time(timestep)
-        text = self.condition_embedder.text(context)
+        text = (self.condition_embedder.text(context), key_bias)
         cos, sin = rope_angles(self.token_grid(latents.shape), cfg.attention_head_dim, cfg.rope_theta)
         return x, temb, e0, text, (jnp.asarray(cos), jnp.asarray(sin))
 
@@ -449,7 +489,7 @@ class WanTransformer3DModel(nnx.Module):
         _, _, F, H, W = latent_shape
         return F // pt, H // ph, W // pw
 
-    def _check_inputs(self, latents, timestep, context):
+    def _check_inputs(self, latents, timestep, context, key_bias=None):
         cfg = self.config
         if latents.ndim != 5 or latents.shape[1] != cfg.in_channels:
             raise ValueError(f"latents: expected (B, {cfg.in_channels}, F, H, W), got {tuple(latents.shape)}")
@@ -465,6 +505,8 @@ class WanTransformer3DModel(nnx.Module):
             raise ValueError(f"timestep: expected shape ({B},), got {tuple(timestep.shape)}")
         if context.ndim != 3 or context.shape[0] != B or context.shape[2] != cfg.text_dim:
             raise ValueError(f"context: expected ({B}, S, {cfg.text_dim}), got {tuple(context.shape)}")
+        if key_bias is not None and key_bias.shape != context.shape[:2]:
+            raise ValueError(f"context: key_bias must be {tuple(context.shape[:2])}, got {tuple(key_bias.shape)}")
         for name, arr in (("latents", latents), ("context", context)):
             if not jnp.issubdtype(arr.dtype, jnp.floating):
                 raise ValueError(f"{name}: expected a floating dtype, got {arr.dtype}")

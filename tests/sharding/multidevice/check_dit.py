@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from sdjax.config import ConfigError, SystemConfig
 from sdjax.models.wan import load_transformer
-from sdjax.models.wan.transformer import WanTransformer3DModel
+from sdjax.models.wan.transformer import WanTransformer3DModel, fold_text_padding, text_lengths
 from sdjax.sharding import make_mesh, sequence_parallel_attention, shard_transformer
 from sdjax.sharding.mesh import SEQ
 from tests.conftest import FIXTURES, rel_l2
@@ -62,6 +62,18 @@ def test_cfg_batch_on_the_mesh_matches_one_device(name, model12, io12):
     x, t = np.concatenate([x[:1], x[:1]]), np.concatenate([t[:1], t[:1]])
     ref = FORWARD(model12, x, t, c)
     out = jax.jit(lambda m, x, t, c: m(x, t, c, cfg_batch=True))(on_mesh(model12, name), x, t, c)
+    assert rel_l2(out, ref) <= TOL
+
+
+@pytest.mark.parametrize("name", ["c1u4r2", "c2u2r2"])
+def test_folded_text_padding_on_the_mesh_matches_the_whole_context(name, model12, io12):
+    """The cross-attention's key bias (`FoldedText`) travels with the text into the mesh's blocks."""
+    x, t, c, _ = io12
+    c = c.copy()
+    c[0, 3:], c[1, 2:] = 0.0, 0.0  # rows past each prompt: zero padding
+    ref = FORWARD(model12, x, t, c)
+    folded = fold_text_padding(jnp.asarray(c), text_lengths(jnp.asarray(c)), 4)
+    out = FORWARD(on_mesh(model12, name), x, t, folded)
     assert rel_l2(out, ref) <= TOL
 
 
