@@ -1,8 +1,8 @@
 """The Wan2.1 diffusion transformer, the same function as diffusers' `WanTransformer3DModel`.
 
-Reads in forward order: config → numerics policy → helpers (norms, RoPE, timestep sinusoid) → embeddings →
-attention → block → model. Shapes: B batch, C latent channels, F/H/W latent frames/height/width, L video
-tokens, S text tokens, D model dim, N heads, K head dim.
+Reads in forward order: config → numerics policy → helpers (norms, RoPE, timestep sinusoid) → text padding
+(folded out of the cross-attention) → embeddings → attention → block → model. Shapes: B batch, C latent
+channels, F/H/W latent frames/height/width, L video tokens, S text tokens, D model dim, N heads, K head dim.
 
 Numerics (bf16 mode): weights and matmuls in bf16; the residual stream, every LayerNorm + modulation, the
 q/k RMSNorm statistics, RoPE, the time path and the output head stay in fp32 (`FP32_PARAMS` lists the
