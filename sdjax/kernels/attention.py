@@ -206,19 +206,17 @@ def attention(q, k, v, *, kv_len=None, key_bias=None, backend: str = "auto"):
         kv_len = jnp.clip(kv_len.astype(jnp.int32), 1, k.shape[1])
     if backend not in BACKENDS:
         raise AttentionBackendError(f"attention backend {backend!r} unknown; allowed: {', '.join(BACKENDS)}")
-    if key_bias is not None:
-        if key_bias.shape != k.shape[:2]:
-            raise ValueError(f"attention: key_bias must have shape (B, S) = {k.shape[:2]}, got {key_bias.shape}")
-        if backend == "auto":
-            backend = "cudnn" if _unsupported("cudnn", q, kv_len) is None else "xla"
-        elif backend not in KEY_BIAS_BACKENDS:
-            raise AttentionBackendError(f"attention backend {backend!r} takes no key_bias; those that do: "
-                                        f"{', '.join(KEY_BIAS_BACKENDS)}")
-        elif (reason := _unsupported(backend, q, kv_len)) is not None:
-            raise AttentionBackendError(f"attention backend {backend!r} {reason}")
-        return _RUN[backend](q, k, v, kv_len, key_bias)
-    if backend == "auto":
+    if key_bias is not None and key_bias.shape != k.shape[:2]:
+        raise ValueError(f"attention: key_bias must have shape (B, S) = {k.shape[:2]}, got {key_bias.shape}")
+    if backend == "auto" and key_bias is not None:
+        backend = "cudnn" if _unsupported("cudnn", q, kv_len) is None else "xla"
+    elif backend == "auto":
         backend = choose_backend(q, k, kv_len)
     elif (reason := _unsupported(backend, q, kv_len)) is not None:
         raise AttentionBackendError(f"attention backend {backend!r} {reason}")
-    return _RUN[backend](q, k, v, kv_len)
+    if key_bias is None:
+        return _RUN[backend](q, k, v, kv_len)
+    if backend not in KEY_BIAS_BACKENDS:
+        raise AttentionBackendError(f"attention backend {backend!r} takes no key_bias; those that do: "
+                                    f"{', '.join(KEY_BIAS_BACKENDS)}")
+    return _RUN[backend](q, k, v, kv_len, key_bias)

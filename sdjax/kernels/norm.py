@@ -54,11 +54,7 @@ def unsupported_reason(backend: str, y, heads: int) -> str | None:
     if backend == "xla":
         return None
     if backend == "pallas_mgpu":
-        if (reason := not_hopper_reason()) is not None:
-            return reason
-        if y.ndim != 3:
-            return f"needs y of shape (B, L, D), got {y.shape}"
-        return rms_rope_mgpu.unsupported_reason(y, heads)
+        return not_hopper_reason() or rms_rope_mgpu.unsupported_reason(y, heads)
     raise ValueError(f"rms_norm_rope backend {backend!r} unknown; allowed: {', '.join(BACKENDS)}")
 
 
