@@ -221,11 +221,14 @@ class Pipeline:
             stats.update(cache.summary(state.cache, n))
         return state.latents
 
+    def _folds_text_of_length(self, S: int) -> bool:
+        """Whether contexts of S rows are folded when short prompts leave them padded."""
+        return 0 < TEXT_FOLD_ROWS < S and self.transformer.blocks.attn2.backend in ("auto", *KEY_BIAS_BACKENDS)
+
     def _fold_text_padding(self, cond, uncond):
         """Both CFG contexts as `FoldedText`s of their first TEXT_FOLD_ROWS rows when every prompt's tokens end
         before that (the rest is Wan's zero padding) and the cross-attention takes a key bias; else unchanged."""
-        S = cond.shape[1]
-        if not 0 < TEXT_FOLD_ROWS < S or self.transformer.blocks.attn2.backend not in ("auto", *KEY_BIAS_BACKENDS):
+        if not self._folds_text_of_length(cond.shape[1]):
             return cond, uncond
         lengths = [int(n) for n in jax.device_get(text_lengths(jnp.concatenate([cond, uncond])))]  # one sync
         if max(lengths) >= TEXT_FOLD_ROWS:
@@ -247,10 +250,12 @@ class Pipeline:
         cheap after the first start."""
         params = dataclasses.replace(params, num_inference_steps=1)
         text = self.encode_text(params)
-        # The step runs on folded text padding for short prompts and on the whole context for long ones.
-        unpadded = TextEmbeddings(*(None if c is None else c.at[:, -1].set(1.0) for c in (text.cond, text.uncond)))
+        forms = [text]
+        if self._folds_text_of_length(text.cond.shape[1]):  # short prompts fold their padding; long ones do not
+            whole = (None if c is None else c.at[:, -1].set(1.0) for c in (text.cond, text.uncond))  # no padding
+            forms.append(TextEmbeddings(*whole))
         latents = None
-        for solver, policy, txt in itertools.product(SOLVERS, CACHE_POLICIES, (text, unpadded)):
+        for solver, policy, txt in itertools.product(SOLVERS, CACHE_POLICIES, forms):
             variant = dataclasses.replace(params, solver=solver, cache=CacheParams(policy, params.cache.threshold))
             latents = self.denoise(variant, txt)
         self.decode(latents)
