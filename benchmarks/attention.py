@@ -40,12 +40,24 @@ SHAPES = {  # name: (B, T, S, N, H, dtype, kv_len or None)
     "wan1.3b_480p_cross": (1, 32760, 512, 12, 128, "bfloat16", None),
     "wan14b_720p_cross": (1, 75600, 512, 40, 128, "bfloat16", None),
     "wan1.3b_480p_cross_kvlen": (1, 32760, 512, 12, 128, "bfloat16", 226),
+    # The CFG batch's cross-attention with Wan's zero text padding folded to 128 rows (a key_bias, FOLDED), and the
+    # same shape without the bias: the cost the bias may at most add.
+    "wan1.3b_480p_cross_fold": (2, 32760, 128, 12, 128, "bfloat16", None),
+    "wan1.3b_480p_cross128": (2, 32760, 128, 12, 128, "bfloat16", None),
+    "wan14b_480p_cross_fold": (2, 32760, 128, 40, 128, "bfloat16", None),
     "small_d64_ragged": (2, 1000, 777, 3, 64, "bfloat16", 300),
     "small_odd_q_tiles": (2, 300, 1000, 3, 128, "bfloat16", 450),  # 3 CTAs of 128 rows: a cluster's 2nd CTA idles
     "small_d64_ragged_fp16": (2, 1000, 777, 3, 64, "float16", 300),
+    "small_fold": (2, 300, 128, 3, 128, "bfloat16", None),
     "tiny_cpu": (2, 200, 150, 2, 64, "bfloat16", 100),  # a smoke test of this script on CPU
+    "tiny_cpu_fold": (2, 200, 128, 2, 64, "bfloat16", None),
 }
-DEFAULT_SHAPES = [s for s in SHAPES if s != "tiny_cpu"]
+# Shapes whose keys are a folded text context: real text tokens of each batch row (a prompt, the empty negative
+# prompt); the other rows stand for Wan's 512-row padding and carry log(padded / kept) as their key_bias.
+FOLDED = {"wan1.3b_480p_cross_fold": (20, 1), "wan14b_480p_cross_fold": (20, 1), "small_fold": (7, 1),
+          "tiny_cpu_fold": (5, 1)}
+TEXT_ROWS = 512
+DEFAULT_SHAPES = [s for s in SHAPES if not s.startswith("tiny_cpu")]
 # Kernel-config variants timed by --sweep, per shape: mgpu[_int8]:block_q,block_kv,stages,overlap,pingpong[,cluster] and
 # triton:block_q,block_k,num_warps,num_stages (cuDNN first as the same-process baseline).
 SWEEP = {
@@ -118,23 +130,35 @@ def _best_swept(log: Path, long_kv: bool) -> str | None:
     return min(ok, key=lambda r: r["ms"])["backend"] if ok else None
 
 
-def _make_fn(spec: str, kv_len_given: bool):
+def _make_fn(spec: str, kv_len_given: bool, key_bias=None):
+    """A jitted fn(q, k, v[, kv_len]) running `spec`; `key_bias` (if any) is passed in as a constant."""
     import jax
 
     attention, flash_mgpu, flash_pallas = _import_kernels()
     if spec.startswith(("mgpu:", "mgpu_int8:", "mgpu_int8_fp8:")):  # a kernel variant, exact or lossy modes
         cfg, mode = _mgpu_config(spec), spec.split(":")[0]
-        f = lambda q, k, v, l: flash_mgpu.flash_attention_mgpu(q, k, v, l, config=cfg, int8_qk=mode != "mgpu",
-                                                               fp8_pv=mode == "mgpu_int8_fp8")
+        f = lambda q, k, v, l: flash_mgpu.flash_attention_mgpu(q, k, v, l, key_bias=key_bias, config=cfg,
+                                                               int8_qk=mode != "mgpu", fp8_pv=mode == "mgpu_int8_fp8")
     elif spec.startswith("triton:"):
         bq, bk, nw, ns = (int(x) for x in spec[7:].split(","))
         f = lambda q, k, v, l: flash_pallas.flash_attention_triton(q, k, v, l, block_q=bq, block_k=bk,
                                                                    num_warps=nw, num_stages=ns)
     else:
-        f = lambda q, k, v, l: attention.attention(q, k, v, kv_len=l, backend=spec)
+        f = lambda q, k, v, l: attention.attention(q, k, v, kv_len=l, key_bias=key_bias, backend=spec)
     if kv_len_given:
         return jax.jit(f)
     return jax.jit(lambda q, k, v: f(q, k, v, None))
+
+
+def folded_key_bias(shape: str):
+    """The key_bias of a FOLDED shape's batch rows: 0 on real text rows, log(padded / kept) on the kept padding."""
+    import numpy as np
+
+    S = SHAPES[shape][2]
+    bias = np.zeros((len(FOLDED[shape]), S), np.float32)
+    for b, real in enumerate(FOLDED[shape]):
+        bias[b, real:] = math.log((TEXT_ROWS - real) / (S - real))
+    return bias
 
 
 def _time(fn, args, budget_ms: float = 400.0) -> list[float]:
@@ -156,12 +180,15 @@ def _time(fn, args, budget_ms: float = 400.0) -> list[float]:
     return times
 
 
-def reference_f64(q, k, v, kv_len=None):
-    """softmax(q kᵀ / sqrt(H)) v in float64 numpy, (B, T, N, H) layout: the oracle of the checks and the tests."""
+def reference_f64(q, k, v, kv_len=None, key_bias=None):
+    """softmax(q kᵀ / sqrt(H) [+ key_bias]) v in float64 numpy, (B, T, N, H) layout: the oracle of the checks and
+    the tests."""
     import numpy as np
 
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     s = np.einsum("btnh,bsnh->bnts", q, k) / math.sqrt(q.shape[-1])
+    if key_bias is not None:
+        s = s + np.asarray(key_bias, np.float64)[:, None, None, :]
     if kv_len is not None:
         keep = np.arange(k.shape[1])[None, :] < np.asarray(kv_len)[:, None]
         s = np.where(keep[:, None, None, :], s, -np.inf)
@@ -184,27 +211,28 @@ def run_worker(shape: str, specs: list[str], log: Path):
     q, k, v = (jax.random.normal(key, (B, L, N, H), jnp.float32).astype(dtype)
                for key, L in ((kq, T), (kk, S), (kv, S)))
     kv_len = None if kvl is None else jnp.asarray([kvl] + [S] * (B - 1), jnp.int32)
+    key_bias = jnp.asarray(folded_key_bias(shape)) if shape in FOLDED else None
     args = (q, k, v) if kv_len is None else (q, k, v, kv_len)
     s_eff = S if kvl is None else (kvl + S * (B - 1)) / B
     flops = 4 * B * N * T * s_eff * H
     rng = np.random.default_rng(0)
     rows = np.unique(np.concatenate([np.arange(64), np.arange(T - 64, T), rng.integers(0, T, 64)]))
     heads = sorted({0, N - 1})
-    ref64 = reference_f64(q[:, rows][:, :, heads], k[:, :, heads], v[:, :, heads], kv_len)
+    ref64 = reference_f64(q[:, rows][:, :, heads], k[:, :, heads], v[:, :, heads], kv_len, key_bias)
     dev = jax.devices()[0]
     ref_out, ref_name = None, None
     for spec in specs:
         rec = {"shape": shape, "backend": spec, "B": B, "T": T, "S": S, "N": N, "H": H, "dtype": dtype,
-               "kv_len": kvl, "device_kind": dev.device_kind, "platform": dev.platform,
-               "arch": str(getattr(dev, "compute_capability", "")), "jax": jax.__version__}
+               "kv_len": kvl, "key_bias": key_bias is not None, "device_kind": dev.device_kind,
+               "platform": dev.platform, "arch": str(getattr(dev, "compute_capability", "")), "jax": jax.__version__}
         try:
             if spec in BACKENDS and spec != "auto" and \
-                    (why := attention._unsupported(spec, q, kv_len)) is not None:
+                    (why := attention._unsupported(spec, q, kv_len, k, key_bias)) is not None:
                 rec["skipped"] = why
             else:
                 if spec == "auto":
-                    rec["auto_choice"] = attention.choose_backend(q, k, kv_len)
-                fn = _make_fn(spec, kv_len is not None)
+                    rec["auto_choice"] = attention.choose_backend(q, k, kv_len, key_bias)
+                fn = _make_fn(spec, kv_len is not None, key_bias)
                 out = fn(*args)
                 outf = out.astype(jnp.float32)
                 rec["finite"] = bool(jnp.isfinite(outf).all())
@@ -248,7 +276,8 @@ def summarize(records: list[dict], card: str) -> str:
              "| shape | B×T×S×N×H dtype kv_len | backend | ms | TFLOP/s | rel_err | f64 | note |",
              "|---|---|---|---|---|---|---|---|"]
     for r in records:
-        dims = f"{r['B']}×{r['T']}×{r['S']}×{r['N']}×{r['H']} {r['dtype']} {r['kv_len'] or ''}"
+        dims = f"{r['B']}×{r['T']}×{r['S']}×{r['N']}×{r['H']} {r['dtype']} {r['kv_len'] or ''}" + \
+            (" key_bias" if r.get("key_bias") else "")
         ms = f"{r['ms']:.3f}" if "ms" in r else ""
         tf = f"{r['tflops']:.0f}" if "tflops" in r else ""
         err = f"{r['rel_err']:.1e}" if "rel_err" in r else ""
@@ -275,7 +304,8 @@ def write_table(paths: list[str]):
             row = rows.setdefault(key, {
                 "device_kind": r["device_kind"], "platform": r["platform"], "arch": r.get("arch", ""),
                 "shape": r["shape"], "dtype": r["dtype"], "head_dim": r["H"], "B": r["B"], "T": r["T"],
-                "S": r["S"], "N": r["N"], "kv_len": r["kv_len"] is not None, "ms": {}})
+                "S": r["S"], "N": r["N"], "kv_len": r["kv_len"] is not None, "key_bias": r.get("key_bias", False),
+                "ms": {}})
             if "ms" in r and r.get("finite", True) and r.get("rel_err", 0.0) < 2e-2:
                 row["ms"][r["backend"]] = round(r["ms"], 4)
     def py(x):  # JSON literal -> Python literal
@@ -284,7 +314,8 @@ def write_table(paths: list[str]):
     body = "MEASUREMENTS: list[dict] = [\n"
     for row in rows.values():
         where = ", ".join(f'"{k}": {py(row[k])}' for k in ("device_kind", "platform", "arch", "shape"))
-        dims = ", ".join(f'"{k}": {py(row[k])}' for k in ("dtype", "head_dim", "B", "T", "S", "N", "kv_len"))
+        keys = ("dtype", "head_dim", "B", "T", "S", "N", "kv_len") + (("key_bias",) if row["key_bias"] else ())
+        dims = ", ".join(f'"{k}": {py(row[k])}' for k in keys)
         body += f'    {{{where},\n     {dims},\n     "ms": {py(row["ms"])}}},\n'
     body += "]\n"
     table = ROOT / "sdjax" / "kernels" / "attention_table.py"

@@ -130,6 +130,17 @@ def use_long_kv_variant(spec: str | None) -> None:
     flash_mgpu.LONG_KV_CONFIG = _mgpu_config(spec)
 
 
+def use_key_bias_backend(name: str | None) -> None:
+    """Benchmark A/B: `auto` runs attention calls with a key_bias (the folded text) on `name` in this process."""
+    if name is None:
+        return
+    from sdjax.kernels import attention
+
+    choose = attention.choose_backend
+    attention.choose_backend = lambda q, k, kv_len=None, key_bias=None: (
+        name if key_bias is not None else choose(q, k, kv_len))
+
+
 def use_xla_norm(on: bool) -> None:
     """Benchmark A/B: the q/k RMSNorm + RoPE through XLA in this process (`auto` does not pick our kernel)."""
     if not on:

@@ -28,13 +28,15 @@ from benchmarks.common import (
     random_like,
     timed,
     torch_timing,
+    use_key_bias_backend,
     use_long_kv_variant,
     use_xla_norm,
     write_results,
 )
 from sdjax.config import ModelConfig
 from sdjax.models.wan.loading import abstract_transformer
-from sdjax.models.wan.transformer import WanTransformerConfig
+from sdjax.models.wan.transformer import WanTransformerConfig, fold_text_padding
+from sdjax.pipeline import TEXT_FOLD_ROWS
 
 RES = {"480p": (480, 832), "720p": (720, 1280)}
 PEAK_TFLOPS = 764.0
@@ -57,7 +59,7 @@ def parse_case(case: str):
 
 
 def bench_sdjax(cfg, shape, B, backend, cfg_batch=False, fused_backend="auto", compiler_options=None,
-                text_len=TEXT_LEN):
+                text_len=TEXT_LEN, fold_text=None):
     model = random_like(abstract_transformer(cfg, "bfloat16", backend, fused_backend=fused_backend))
     key = jax.random.key(1)
     x = jax.random.normal(key, (B, 16, *shape), jnp.float32)
@@ -65,6 +67,10 @@ def bench_sdjax(cfg, shape, B, backend, cfg_batch=False, fused_backend="auto", c
         x = jnp.concatenate([x[:1], x[:1]])
     t = jnp.full((B,), 500.0)
     ctx = jax.random.normal(key, (B, text_len, cfg.text_dim), jnp.float32)
+    if fold_text is not None:  # a prompt of fold_text tokens (and the empty negative prompt), padding folded
+        lengths = jnp.asarray([fold_text, 1][:B] if cfg_batch else [fold_text] * B)
+        ctx = jnp.where(jnp.arange(text_len)[None, :, None] < lengths[:, None, None], ctx, 0.0)
+        ctx = fold_text_padding(ctx, lengths, TEXT_FOLD_ROWS)
     fwd = jax.jit(lambda m, x, t, c: m(x, t, c, cfg_batch=cfg_batch))
     t0 = time.perf_counter()
     compiled = fwd.lower(model, x, t, ctx).compile(compiler_options=compiler_options)
@@ -115,9 +121,13 @@ def main():
     p.add_argument("--xla-norm", action="store_true", help="A/B: q/k RMSNorm + RoPE through XLA, not our kernel")
     p.add_argument("--text-len", type=int, default=TEXT_LEN, help="text tokens of the context (Wan pads to 512; "
                    "shorter: what a forward would cost with the padding folded away)")
+    p.add_argument("--fold-text", type=int, metavar="TOKENS", help="a prompt of this many tokens, its zero padding "
+                   "folded to the pipeline's rows (a key bias), as the pipeline runs it")
+    p.add_argument("--key-bias-backend", help="A/B: the attention backend of calls with a key_bias (folded text)")
     args = p.parse_args()
     use_long_kv_variant(args.long_kv_variant)
     use_xla_norm(args.xla_norm)
+    use_key_bias_backend(args.key_bias_backend)
     options = dict(_parse_option(o) for o in args.xla_option) or None
     rows = []
     for case in args.cases.split(","):
@@ -134,10 +144,11 @@ def main():
             except Exception as e:  # a missing wheel or OOM is reported, not fatal for the sdjax numbers
                 theirs = dict(diffusers_error=f"{type(e).__name__}: {str(e)[:80]}")
         ms, compile_s, peak, finite = bench_sdjax(cfg, shape, B, args.backend, cfg_batch, args.fused_backend, options,
-                                                  args.text_len)
-        row = {"case": case, "tokens": L, "text_tokens": args.text_len, "sdjax_ms": ms * 1e3, "compile_s": compile_s,
+                                                  args.text_len, args.fold_text)
+        text_tokens = TEXT_FOLD_ROWS if args.fold_text else args.text_len
+        row = {"case": case, "tokens": L, "text_tokens": text_tokens, "sdjax_ms": ms * 1e3, "compile_s": compile_s,
                "peak_GiB": peak,
-               "MFU": flops(cfg, L, B, cfg_batch, args.text_len) / ms / 1e12 / PEAK_TFLOPS, "finite": finite, **theirs}
+               "MFU": flops(cfg, L, B, cfg_batch, text_tokens) / ms / 1e12 / PEAK_TFLOPS, "finite": finite, **theirs}
         if "diffusers_ms" in theirs:
             row["speedup"] = theirs["diffusers_ms"] / (ms * 1e3)
         rows.append(row)

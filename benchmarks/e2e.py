@@ -16,7 +16,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from benchmarks.cache import psnr
-from benchmarks.common import GpuSampler, peak_gib, random_like, use_long_kv_variant, use_xla_norm, write_results
+from benchmarks.common import (
+    GpuSampler,
+    peak_gib,
+    random_like,
+    use_key_bias_backend,
+    use_long_kv_variant,
+    use_xla_norm,
+    write_results,
+)
 from sdjax import pipeline as pipeline_module
 from sdjax.config import ModelConfig, SystemConfig
 from sdjax.models.tokenizer import load_tokenizer
@@ -68,6 +76,7 @@ def main():
     p.add_argument("--long-kv-variant", help="A/B: the exact long-key attention kernel as this variant "
                    "(benchmarks/attention.py syntax, e.g. mgpu:64,192,2,0,1)")
     p.add_argument("--xla-norm", action="store_true", help="A/B: q/k RMSNorm + RoPE through XLA, not our kernel")
+    p.add_argument("--key-bias-backend", help="A/B: the attention backend of calls with a key_bias (folded text)")
     p.add_argument("--no-text-fold", action="store_true",
                    help="A/B: the cross-attention on the whole padded text (pipeline.TEXT_FOLD_ROWS = 0)")
     args = p.parse_args()
@@ -75,6 +84,7 @@ def main():
         pipeline_module.TEXT_FOLD_ROWS = 0
     use_long_kv_variant(args.long_kv_variant)
     use_xla_norm(args.xla_norm)
+    use_key_bias_backend(args.key_bias_backend)
     t0 = time.perf_counter()
     pipe = build(args.model, args.backend)
     build_s = time.perf_counter() - t0

@@ -4,7 +4,8 @@ Layout (B, T, N, H): batch, tokens, heads, head dim. Non-causal, softmax scale 1
 `kv_len` (B,) optionally marks how many keys of each row are real; keys at or past it are masked.
 Values are clipped to [1, S] (a row always attends to at least one key). `key_bias` (B, S) optionally adds a
 per-key constant to every query's logits (a key standing for several equal keys carries log(their count));
-the `xla` and `cudnn` backends take it, and `auto` then picks between those two.
+the `xla`, `cudnn` and `pallas_mgpu` backends take it, and `auto` then ranks those by the timings measured with a
+key_bias.
 
 Backends live behind `attention(..., backend=...)`; each declares what it supports and raises a clear
 `AttentionBackendError` otherwise — no silent fallback inside layers:
@@ -118,7 +119,8 @@ _RUN = {
     "xla": _xla_attention,
     "cudnn": _cudnn_attention,
     "pallas": _pallas_attention,
-    "pallas_mgpu": flash_mgpu.flash_attention_mgpu,
+    "pallas_mgpu": lambda q, k, v, kv_len, key_bias=None: flash_mgpu.flash_attention_mgpu(q, k, v, kv_len,
+                                                                                         key_bias=key_bias),
     "pallas_mgpu_int8": lambda q, k, v, kv_len: flash_mgpu.flash_attention_mgpu(q, k, v, kv_len, int8_qk=True),
     "pallas_mgpu_int8_fp8": lambda q, k, v, kv_len: flash_mgpu.flash_attention_mgpu(q, k, v, kv_len, int8_qk=True,
                                                                                      fp8_pv=True),
@@ -132,10 +134,12 @@ def _device():
     return jax.devices()[0]
 
 
-def _unsupported(backend: str, q, kv_len=None) -> str | None:
-    """Why `backend` can't run q (B, T, N, H) on this platform, or None if it can."""
+def _unsupported(backend: str, q, kv_len=None, k=None, key_bias=None) -> str | None:
+    """Why `backend` can't run q (B, T, N, H) [against k, with key_bias] on this platform, or None if it can."""
     dev = _device()
     platform, dtype, H = dev.platform, q.dtype, q.shape[-1]
+    if key_bias is not None and backend not in KEY_BIAS_BACKENDS:
+        return f"takes no key_bias; those that do: {', '.join(KEY_BIAS_BACKENDS)}"
     if backend == "xla":
         return None
     if backend == "cudnn":
@@ -149,7 +153,8 @@ def _unsupported(backend: str, q, kv_len=None) -> str | None:
     if backend in ("pallas_mgpu", *LOSSY_BACKENDS):
         if (reason := not_hopper_reason()) is not None:
             return reason
-        return flash_mgpu.unsupported_reason(q, q, q, int8_qk=backend in LOSSY_BACKENDS)
+        k = q if k is None else k
+        return flash_mgpu.unsupported_reason(q, k, k, int8_qk=backend in LOSSY_BACKENDS, key_bias=key_bias)
     if backend == "pallas_triton":
         if platform not in ("gpu", "cpu"):
             return f"needs a GPU (or CPU, interpreted), got {platform}"
@@ -175,20 +180,20 @@ def available_backends(q, kv_len=None) -> list[str]:
     return [b for b in BACKENDS if b not in ("auto", *LOSSY_BACKENDS) and _unsupported(b, q, kv_len) is None]
 
 
-def choose_backend(q, k, kv_len=None) -> str:
+def choose_backend(q, k, kv_len=None, key_bias=None) -> str:
     """What `auto` runs: the fastest measured backend that supports these inputs on this device."""
     dev = _device()
     ranking = attention_table.ranking(
         device_kind=dev.device_kind, platform=dev.platform, arch=str(getattr(dev, "compute_capability", "")),
         dtype=jnp.dtype(q.dtype).name, head_dim=q.shape[-1], B=q.shape[0], T=q.shape[1], S=k.shape[1],
-        N=q.shape[2], has_kv_len=kv_len is not None)
+        N=q.shape[2], has_kv_len=kv_len is not None, has_key_bias=key_bias is not None)
     for backend in (*ranking, *UNMEASURED_ORDER.get(dev.platform, ("xla",))):
-        if backend not in LOSSY_BACKENDS and _unsupported(backend, q, kv_len) is None:
+        if backend not in LOSSY_BACKENDS and _unsupported(backend, q, kv_len, k, key_bias) is None:
             return backend
     return "xla"
 
 
-KEY_BIAS_BACKENDS = ("xla", "cudnn")
+KEY_BIAS_BACKENDS = ("xla", "cudnn", "pallas_mgpu")
 
 
 def attention(q, k, v, *, kv_len=None, key_bias=None, backend: str = "auto"):
@@ -208,15 +213,10 @@ def attention(q, k, v, *, kv_len=None, key_bias=None, backend: str = "auto"):
         raise AttentionBackendError(f"attention backend {backend!r} unknown; allowed: {', '.join(BACKENDS)}")
     if key_bias is not None and key_bias.shape != k.shape[:2]:
         raise ValueError(f"attention: key_bias must have shape (B, S) = {k.shape[:2]}, got {key_bias.shape}")
-    if backend == "auto" and key_bias is not None:
-        backend = "cudnn" if _unsupported("cudnn", q, kv_len) is None else "xla"
-    elif backend == "auto":
-        backend = choose_backend(q, k, kv_len)
-    elif (reason := _unsupported(backend, q, kv_len)) is not None:
+    if backend == "auto":
+        backend = choose_backend(q, k, kv_len, key_bias)
+    elif (reason := _unsupported(backend, q, kv_len, k, key_bias)) is not None:
         raise AttentionBackendError(f"attention backend {backend!r} {reason}")
     if key_bias is None:
         return _RUN[backend](q, k, v, kv_len)
-    if backend not in KEY_BIAS_BACKENDS:
-        raise AttentionBackendError(f"attention backend {backend!r} takes no key_bias; those that do: "
-                                    f"{', '.join(KEY_BIAS_BACKENDS)}")
     return _RUN[backend](q, k, v, kv_len, key_bias)

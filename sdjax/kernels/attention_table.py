@@ -4,10 +4,11 @@ The rows between the GENERATED markers are written by `benchmarks/attention.py -
 result files in benchmarks/results/ (never by hand). A row is one shape on one card: its median ms per
 backend (None where the backend failed or was not available).
 
-Lookup: rows of the same device kind, else of the same platform and GPU architecture; among those (dtype
-and head_dim must match where such rows exist) the closest shape: log-distance in total work and in the
-T/S aspect, plus 1 when kv_len masking differs (masking a self-attention's tail barely changes its cost, so
-a 32,760-token call with kv_len is closer to the 32,760 row than to the masked 512-key cross row).
+Lookup: rows of the same device kind, else of the same platform and GPU architecture; among those (dtype,
+head_dim and whether a key_bias is added must match where such rows exist) the closest shape: log-distance in
+total work and in the T/S aspect, plus 1 when kv_len masking differs (masking a self-attention's tail barely
+changes its cost, so a 32,760-token call with kv_len is closer to the 32,760 row than to the masked 512-key cross
+row).
 Backends come back fastest first; the dispatcher takes the first that supports the inputs.
 """
 
@@ -55,15 +56,15 @@ def _distance(row: dict, *, B: int, T: int, S: int, N: int, has_kv_len: bool) ->
 
 
 def ranking(*, device_kind: str, platform: str, arch: str, dtype: str, head_dim: int, B: int, T: int, S: int,
-            N: int, has_kv_len: bool, rows: list[dict] | None = None) -> list[str]:
+            N: int, has_kv_len: bool, has_key_bias: bool = False, rows: list[dict] | None = None) -> list[str]:
     """Backends fastest first for the closest measured shape on this kind of device ([] if none)."""
     rows = MEASUREMENTS if rows is None else rows
     same = [r for r in rows if r["device_kind"] == device_kind]
     if not same:
         same = [r for r in rows if r["platform"] == platform and r.get("arch", "") == arch]
-    for key, want in (("dtype", dtype), ("head_dim", head_dim)):
-        if any(r[key] == want for r in same):
-            same = [r for r in same if r[key] == want]
+    for key, want in (("dtype", dtype), ("head_dim", head_dim), ("key_bias", has_key_bias)):
+        if any(r.get(key, False) == want for r in same):
+            same = [r for r in same if r.get(key, False) == want]
     if not same:
         return []
     best = min(same, key=lambda r: _distance(r, B=B, T=T, S=S, N=N, has_kv_len=has_kv_len))

@@ -58,6 +58,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 LOG2_E = math.log2(math.e)
 _ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per query row, laid out like a wgmma accumulator's rows
+_COL = plgpu.Layout.WGMMA.reduce(0)  # one value per key column
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +92,8 @@ LONG_KV_CONFIG = MgpuConfig(block_kv=192, cluster=2)
 LONG_KV_INT8_CONFIG = MgpuConfig(block_kv=192)
 SHORT_KV_CONFIG = MgpuConfig(block_kv=128, overlap=True, pingpong=False)
 LONG_KV_FROM = 4096  # keys; measured points: 512 (short wins), 32,760 and 75,600 (long wins)
+MAX_BIAS_KEYS = 1024  # a key_bias row lives in shared memory whole (4 KB a compute warpgroup)
+BIAS_CHUNK = 256  # elements of one TMA copy (its box limit)
 
 
 # fp8 P V reads V transposed (keys last), so key blocks are whole 128-byte rows of fp8: 128 keys. Ping-pong with 4
@@ -105,7 +108,7 @@ def default_config(S: int, int8_qk: bool = False) -> MgpuConfig:
     return LONG_KV_INT8_CONFIG if int8_qk else LONG_KV_CONFIG
 
 
-def unsupported_reason(q, k, v, int8_qk: bool = False) -> str | None:
+def unsupported_reason(q, k, v, int8_qk: bool = False, key_bias=None) -> str | None:
     """Why this kernel can't run these inputs (None if it can). Platform checks live in the dispatcher."""
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (jnp.bfloat16, jnp.float16):
         return f"needs bfloat16 or float16 inputs of one dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
@@ -113,6 +116,8 @@ def unsupported_reason(q, k, v, int8_qk: bool = False) -> str | None:
         return f"supports head_dim 64 and 128, got {q.shape[-1]}"
     if int8_qk and q.shape[-1] != 128:  # an int8 row of the swizzled smem tile is 128 bytes
         return f"with int8 q/k supports head_dim 128, got {q.shape[-1]}"
+    if key_bias is not None and (int8_qk or k.shape[1] > MAX_BIAS_KEYS):
+        return f"takes a key_bias only in exact mode with at most {MAX_BIAS_KEYS} keys, got {k.shape[1]}"
     return None
 
 
@@ -122,18 +127,20 @@ def _smem(shape, dtype):
     return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform(tile), plgpu.SwizzleTransform(128)))
 
 
-def flash_attention_mgpu(q, k, v, kv_len=None, *, config: MgpuConfig | None = None, int8_qk: bool = False,
-                         fp8_pv: bool = False):
-    """softmax(q kᵀ / sqrt(H)) v on Hopper. q (B, T, N, H), k/v (B, S, N, H), kv_len (B,) -> (B, T, N, H).
+def flash_attention_mgpu(q, k, v, kv_len=None, *, key_bias=None, config: MgpuConfig | None = None,
+                         int8_qk: bool = False, fp8_pv: bool = False):
+    """softmax(q kᵀ / sqrt(H) [+ key_bias]) v on Hopper. q (B, T, N, H), k/v (B, S, N, H), kv_len (B,),
+    key_bias (B, S) -> (B, T, N, H).
 
     `config` defaults to `default_config(S)`, the fastest variant measured for that many keys (`FP8_PV_CONFIG`
     with `fp8_pv`).
     `int8_qk` (lossy): S = Q Kᵀ on the int8 tensor cores from per-block quantized q, k (`quantize_qk_int8`).
     `fp8_pv` (lossy, with `int8_qk`): O = P V on the fp8 tensor cores, P and V in e4m3 (`quantize_v_fp8`).
+    `key_bias` (exact mode, S <= MAX_BIAS_KEYS): added to every query's logit of that key (folded text padding).
     """
     if config is None:
         config = FP8_PV_CONFIG if fp8_pv else default_config(k.shape[1], int8_qk)
-    if (reason := unsupported_reason(q, k, v, int8_qk)) is not None:
+    if (reason := unsupported_reason(q, k, v, int8_qk, key_bias)) is not None:
         raise ValueError(f"flash_attention_mgpu {reason}")
     T, S = q.shape[1], k.shape[1]
     qk_scales = None
@@ -153,10 +160,13 @@ def flash_attention_mgpu(q, k, v, kv_len=None, *, config: MgpuConfig | None = No
     q = _pad_tokens(q, -(-T // 8) * 8)
     S_min = n_kv_max * block_kv if n_kv_max <= stages else -(-S // 8) * 8
     k, v = _pad_tokens(k, S_min), _pad_tokens(v, S_min)
+    if key_bias is not None:  # in log2 units, like the kernel's logits; padded keys are masked anyway
+        key_bias = jnp.pad(key_bias.astype(jnp.float32) * LOG2_E, ((0, 0), (0, k.shape[1] - S)))
     v_scale = None
     if fp8_pv:
         v, v_scale = quantize_v_fp8(v)
-    out = _flash_mgpu(q, k, v, kv_len, qk_scales, v_scale, S=S, stages=stages, config=config, out_dtype=out_dtype)
+    out = _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, S=S, stages=stages, config=config,
+                      out_dtype=out_dtype)
     return out[:, :T] if out.shape[1] != T else out
 
 
@@ -304,8 +314,10 @@ def _pad_tokens(x, length: int):
     return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
 
 
-def _flash_mgpu(q, k, v, kv_len, qk_scales, v_scale, *, S: int, stages: int, config: MgpuConfig, out_dtype):
+def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, *, S: int, stages: int, config: MgpuConfig,
+                out_dtype):
     """The kernel proper; keys at or past S (or kv_len) are masked whatever k's padded length.
+    `key_bias` (B, S') fp32 in log2 units (S' = k's padded length), added to each key's logits, or None.
     `qk_scales` = (q_scale, k_scale) per block when q, k are int8 (`quantize_qk_int8`), else None;
     `v_scale` = V's per-head scale when v is fp8 (`quantize_v_fp8`), else None."""
     B, T, N, H = q.shape
@@ -322,6 +334,9 @@ def _flash_mgpu(q, k, v, kv_len, qk_scales, v_scale, *, S: int, stages: int, con
     # A slot is free once the consumers of every CTA it was multicast to are done with it.
     free_barrier = functools.partial(plgpu.ClusterBarrier, collective_axes=("cluster",)) if clustered else plgpu.Barrier
     with_kv_len = kv_len is not None
+    with_bias = key_bias is not None
+    S_bias = key_bias.shape[1] if with_bias else 0
+    bias_chunks = pl.cdiv(S_bias, BIAS_CHUNK)
 
     def kv_bounds(kv_len_ref, b):
         """(kv_end, number of key blocks, number of unmasked key blocks) for batch row b."""
@@ -330,14 +345,17 @@ def _flash_mgpu(q, k, v, kv_len, qk_scales, v_scale, *, S: int, stages: int, con
         kv_end = jnp.clip(kv_len_ref[b], 1, S)
         return kv_end, (kv_end + block_kv - 1) // block_kv, kv_end // block_kv
 
-    def kernel(q_ref, k_ref, v_ref, kv_len_ref, scale_refs, v_scale_ref, o_ref, scoped):
+    def kernel(q_ref, k_ref, v_ref, kv_len_ref, bias_ref, scale_refs, v_scale_ref, o_ref, scoped):
         qi, h, b = lax.axis_index("q"), lax.axis_index("heads"), lax.axis_index("batch")
         wg = lax.axis_index("wg")
         if int8_qk:  # logit scales of key block j: the rows' q scales (x log2(e)/sqrt(H)) x block j's k scale
             logit_scale = lambda j, q_rows: q_rows * scale_refs[1][b, j, h]
         else:
             logit_scale = lambda j, q_rows: scale
-        (q_smem2, k_smem, v_smem, *int8_smem), (k_ready, v_ready, q_ready, *qs_ready), (k_free, v_free), sched = scoped
+        (q_smem2, k_smem, v_smem, *extra_smem), (k_ready, v_ready, q_ready, *extra_ready), kv_free, sched = scoped
+        k_free, v_free = kv_free
+        int8_smem, qs_ready = (extra_smem, extra_ready) if int8_qk else ((), ())
+        bias_smem, bias_ready = (extra_smem[0], extra_ready[0]) if with_bias else (None, None)
         kv_end, n_kv, n_full = kv_bounds(kv_len_ref, b)
 
         def sched_sync():
@@ -349,6 +367,10 @@ def _flash_mgpu(q, k, v, kv_len, qk_scales, v_scale, *, S: int, stages: int, con
             scale = logit_scale(j, q_rows)
             if int8_qk:  # (int32 -> fp32 through a float-bits trick instead of I2F measured slower: NOTES)
                 s = s.astype(jnp.float32)
+            if with_bias:  # logits (log2 units) = s · scale + bias: the FMA takes the bias, the exp2 a subtract
+                bias = plgpu.load(bias_smem.at[wg, pl.ds(j * block_kv, block_kv)], layout=_COL)
+                s = s * scale + lax.broadcast_in_dim(bias, s.shape, [1])
+                scale = 1.0
             if masked:
                 cols = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
                 keys = fp8_pv_key_of_column(cols) if fp8_pv else cols
@@ -357,7 +379,7 @@ def _flash_mgpu(q, k, v, kv_len, qk_scales, v_scale, *, S: int, stages: int, con
             alpha = jnp.exp2(m - m_new)
             offset = m_new - P_FP8_LOG2_SCALE if fp8_pv else m_new
             scales = lax.broadcast_in_dim(scale, s.shape, [0]) if int8_qk else scale  # one a row, or one for all
-            p = jnp.exp2(s * scales - lax.broadcast_in_dim(offset, s.shape, [0]))
+            p = jnp.exp2((s if with_bias else s * scales) - lax.broadcast_in_dim(offset, s.shape, [0]))
             l = l * alpha + p.sum(axis=1)
             return (_p_to_fp8(p) if fp8_pv else p.astype(dtype)), m_new, l, alpha
 
@@ -468,6 +490,12 @@ def _flash_mgpu(q, k, v, kv_len, qk_scales, v_scale, *, S: int, stages: int, con
                 plgpu.copy_gmem_to_smem(scale_refs[0].at[b, h, pl.ds(q_base, block_q)], qs_smem, qs_ready[0].at[wg])
                 plgpu.barrier_wait(qs_ready[0].at[wg])
                 q_rows = plgpu.load(qs_smem, layout=_ROW) * scale
+            if with_bias:  # the batch row's whole key_bias, once (TMA boxes span <= 256 elements: in chunks)
+                for c in range(bias_chunks):
+                    keys = pl.ds(c * BIAS_CHUNK, min(BIAS_CHUNK, S_bias - c * BIAS_CHUNK))
+                    plgpu.copy_gmem_to_smem(bias_ref.at[b, keys], bias_smem.at[wg, keys], bias_ready.at[wg, c])
+                for c in range(bias_chunks):
+                    plgpu.barrier_wait(bias_ready.at[wg, c])
             plgpu.barrier_wait(q_ready.at[wg])
             m = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), _ROW)
             l = plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), _ROW)
@@ -532,21 +560,25 @@ def _flash_mgpu(q, k, v, kv_len, qk_scales, v_scale, *, S: int, stages: int, con
 
     def entry(q_ref, k_ref, v_ref, *rest):
         kv_len_ref, rest = (rest[0], rest[1:]) if with_kv_len else (None, rest)
+        bias_ref, rest = (rest[0], rest[1:]) if with_bias else (None, rest)
         scale_refs, rest = (rest[:2], rest[2:]) if int8_qk else (None, rest)
         v_scale_ref, (o_ref,) = (rest[0], rest[1:]) if fp8_pv else (None, rest)
         pl.run_scoped(
-            lambda *scoped: kernel(q_ref, k_ref, v_ref, kv_len_ref, scale_refs, v_scale_ref, o_ref, scoped),
+            lambda *scoped: kernel(q_ref, k_ref, v_ref, kv_len_ref, bias_ref, scale_refs, v_scale_ref, o_ref, scoped),
             (_smem((2, block_q, H), q.dtype), _smem((stages, block_kv, H), k.dtype),
              _smem((stages, H, block_kv) if fp8_pv else (stages, block_kv, H), v.dtype),
-             *([_smem((2, block_q, H), dtype), plgpu.SMEM((2, block_q), jnp.float32)] if int8_qk else [])),
+             *([_smem((2, block_q, H), dtype), plgpu.SMEM((2, block_q), jnp.float32)] if int8_qk else []),
+             *([plgpu.SMEM((2, S_bias), jnp.float32)] if with_bias else [])),
             (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
-             plgpu.Barrier(num_barriers=2), *([plgpu.Barrier(num_barriers=2)] if int8_qk else [])),
+             plgpu.Barrier(num_barriers=2), *([plgpu.Barrier(num_barriers=2)] if int8_qk else []),
+             *([plgpu.Barrier(num_barriers=(2, bias_chunks))] if with_bias else [])),
             (free_barrier(num_arrivals=2, num_barriers=stages),) * 2,
             plgpu.Barrier(num_arrivals=2),
             collective_axes="wg",
         )
 
     args = (q, k, v) if kv_len is None else (q, k, v, kv_len.astype(jnp.int32))
+    args += (key_bias,) if with_bias else ()
     args += (tuple(qk_scales) if int8_qk else ()) + ((v_scale,) if fp8_pv else ())
     return plgpu.kernel(
         entry,

@@ -14,6 +14,7 @@ from benchmarks.attention import reference_f64
 from sdjax.kernels import attention_table
 from sdjax.kernels.attention import (
     BACKENDS,
+    KEY_BIAS_BACKENDS,
     AttentionBackendError,
     attention,
     available_backends,
@@ -148,9 +149,10 @@ def test_bad_shapes_and_kv_len_raise():
 # ------------------------------------------------------------------------------------------ auto table
 
 
-def _row(device_kind, T, S, N, ms, dtype="bfloat16", kv_len=False):
+def _row(device_kind, T, S, N, ms, dtype="bfloat16", kv_len=False, key_bias=False):
     return {"device_kind": device_kind, "platform": "gpu", "arch": "9.0", "shape": "x", "dtype": dtype,
-            "head_dim": 128, "B": 1, "T": T, "S": S, "N": N, "kv_len": kv_len, "ms": ms}
+            "head_dim": 128, "B": 1, "T": T, "S": S, "N": N, "kv_len": kv_len, "ms": ms,
+            **({"key_bias": True} if key_bias else {})}
 
 
 def test_ranking_picks_nearest_measured_shape_fastest_first():
@@ -171,10 +173,26 @@ def test_ranking_picks_nearest_measured_shape_fastest_first():
                                    T=100, S=100) == []
 
 
+def test_ranking_with_a_key_bias_uses_the_rows_measured_with_one():
+    """A bias costs backends differently (cuDNN reads a materialized (B, 1, T, S) one): calls with a key_bias rank
+    by the rows measured with one, calls without by the others, even where a biased row is nearer."""
+    rows = [_row("NVIDIA H100 80GB HBM3", 32760, 128, 12, {"cudnn": 0.11, "pallas_mgpu": 0.14}),
+            _row("NVIDIA H100 80GB HBM3", 32760, 512, 12, {"cudnn": 0.27, "pallas_mgpu": 0.16, "xla": 1.0},
+                 key_bias=True)]
+    common = dict(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", arch="9.0", dtype="bfloat16", head_dim=128,
+                  B=1, T=32760, S=128, N=12, has_kv_len=False, rows=rows)
+    assert attention_table.ranking(**common, has_key_bias=True) == ["pallas_mgpu", "cudnn", "xla"]
+    assert attention_table.ranking(**common) == ["cudnn", "pallas_mgpu"]
+    # no biased row measured on this device: the unbiased ones still rank
+    assert attention_table.ranking(**{**common, "rows": rows[:1]}, has_key_bias=True) == ["cudnn", "pallas_mgpu"]
+
+
 def test_measured_table_rows_are_well_formed():
     for row in attention_table.MEASUREMENTS:
         assert {"device_kind", "platform", "arch", "dtype", "head_dim", "B", "T", "S", "N", "kv_len",
                 "ms"} <= set(row)
+        if row.get("key_bias"):
+            assert set(row["ms"]) <= set(KEY_BIAS_BACKENDS)
         assert set(row["ms"]) <= set(BACKENDS) - {"auto", "pallas"}
 
 
@@ -277,7 +295,9 @@ def test_key_bias_is_added_to_every_querys_logits(backend):
 
 def test_key_bias_names_the_backends_that_take_it():
     _, q, k, v = random_qkv(1, 8, 8, 1, 64, jnp.bfloat16)
-    with pytest.raises(AttentionBackendError, match="takes no key_bias; those that do: xla, cudnn"):
+    with pytest.raises(AttentionBackendError, match="takes no key_bias; those that do: xla, cudnn, pallas_mgpu"):
         attention(q, k, v, key_bias=jnp.zeros((1, 8)), backend="pallas_triton")
+    with pytest.raises(AttentionBackendError, match="takes no key_bias"):
+        attention(q, k, v, key_bias=jnp.zeros((1, 8)), backend="pallas_mgpu_int8")
     with pytest.raises(ValueError, match=r"key_bias must have shape \(B, S\) = \(1, 8\)"):
         attention(q, k, v, key_bias=jnp.zeros((1, 7)))

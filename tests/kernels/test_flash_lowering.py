@@ -42,6 +42,24 @@ def test_mgpu_kernel_lowers_for_cuda(config, shape):
     assert ("multicast" in module and "mapa.shared::cluster" in module) == (config.cluster > 1)
 
 
+@pytest.mark.parametrize("config", [MgpuConfig(), flash_mgpu.SHORT_KV_CONFIG], ids=["pingpong", "overlap"])
+@pytest.mark.parametrize("S, kv_len", [(128, False), (300, True)], ids=["one_block", "kv_len"])
+def test_mgpu_kernel_with_key_bias_lowers_for_cuda(config, S, kv_len):
+    """A (B, S) key_bias (folded text padding) read once into shared memory, in TMA boxes of <= 256 keys."""
+    fn = lambda q, k, v, l: flash_attention_mgpu(q, k, v, l, key_bias=jnp.linspace(0.0, 1.0, 2 * S).reshape(2, S),
+                                                 config=config)
+    module = _export(fn, "cuda", 2, 1000, S, 2, 128, kv_len)
+    assert "mosaic_gpu" in module
+
+
+def test_mgpu_kernel_refuses_a_key_bias_it_cannot_take():
+    q, k = jnp.zeros((1, 64, 1, 128), jnp.bfloat16), jnp.zeros((1, 2048, 1, 128), jnp.bfloat16)
+    with pytest.raises(ValueError, match="key_bias only in exact mode with at most 1024 keys, got 2048"):
+        flash_attention_mgpu(q, k, k, key_bias=jnp.zeros((1, 2048)))
+    with pytest.raises(ValueError, match="key_bias only in exact mode"):
+        flash_attention_mgpu(q, q, q, key_bias=jnp.zeros((1, 64)), int8_qk=True)
+
+
 @pytest.mark.parametrize("config", [MgpuConfig(block_kv=192), MgpuConfig(block_kv=128, overlap=True, pingpong=False),
                                     MgpuConfig(block_kv=192, cluster=2)],
                          ids=["pingpong192", "overlap128", "cluster2"])
