@@ -70,6 +70,8 @@ SWEEP = {
                      "mgpu_int8_fp8:64,128,2,0,0", "mgpu_int8_fp8:64,128,3,0,0"),
     "wan1.3b_480p_cross": ("cudnn", "mgpu:64,128,2,0,1", "mgpu:64,128,2,1,0", "mgpu:64,64,2,0,1",
                            "mgpu:64,64,3,0,1", "mgpu:64,192,2,0,1", "triton:128,64,4,3", "triton:64,64,4,2"),
+    "wan1.3b_480p_cross_fold": ("cudnn", "mgpu:64,128,2,1,0", "mgpu:64,128,2,0,1", "mgpu:64,128,2,0,0",
+                                "mgpu:64,64,2,0,1", "mgpu:64,64,2,1,0", "mgpu:64,64,3,1,0"),
 }
 # "pallas" is an alias of pallas_mgpu on Hopper, so it is not timed separately by default.
 BACKENDS = ("cudnn", "xla", "pallas_mgpu", "pallas_mgpu_int8", "pallas_mgpu_int8_fp8", "pallas_triton", "splash",
