@@ -28,13 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.common import RESULTS, card_name, random_like, timed, write_results
+from benchmarks.common import RESULTS, card_name, random_like, timed, use_key_bias_backend, write_results
 from benchmarks.dit_step import RES, TEXT_LEN
 from sdjax.config import ModelConfig
 from sdjax.models.wan.loading import abstract_transformer
-from sdjax.models.wan.transformer import WanTransformerConfig
+from sdjax.models.wan.transformer import WanTransformerConfig, fold_text_padding
 from sdjax.models.wan.vae import AutoencoderKLWan, WanVAEConfig
-from sdjax.pipeline import jit_decode_frames
+from sdjax.pipeline import TEXT_FOLD_ROWS, jit_decode_frames
 from sdjax.sampling import loop, solvers
 
 KINDS = (  # first match wins; kernel names as the profiler reports them
@@ -64,8 +64,16 @@ def device_kernels(trace_dir: Path) -> list[tuple[str, float]]:
             if e.get("ph") == "X" and e.get("pid") in gpu_pids and "dur" in e]
 
 
-def build(target: str, model_name: str, res: str, batch: int, backend: str):
-    """(callable, its args, a one-line description) for the target; forward and decode come compiled."""
+def _folded(ctx, tokens: int):
+    """ctx as a prompt of `tokens` tokens, its zero padding folded as the pipeline folds it."""
+    lengths = jnp.full((ctx.shape[0],), tokens, jnp.int32)
+    ctx = jnp.where(jnp.arange(ctx.shape[1])[None, :, None] < tokens, ctx, 0.0)
+    return fold_text_padding(ctx, lengths, TEXT_FOLD_ROWS)
+
+
+def build(target: str, model_name: str, res: str, batch: int, backend: str, fold_text: int | None = None):
+    """(callable, its args, a one-line description) for the target; forward and decode come compiled.
+    `fold_text`: the prompt has this many tokens (the negative prompt one), zero padding folded like the pipeline."""
     mcfg = ModelConfig.named(model_name)
     h, w = RES[res]
     key = jax.random.key(1)
@@ -79,15 +87,16 @@ def build(target: str, model_name: str, res: str, batch: int, backend: str):
     cfg = WanTransformerConfig.from_dict(mcfg.transformer)
     dit = random_like(abstract_transformer(cfg, "bfloat16", backend))
     ctx = jax.random.normal(key, (batch, TEXT_LEN, cfg.text_dim), jnp.float32)
+    cond, uncond = (_folded(ctx, fold_text), _folded(ctx, 1)) if fold_text else (ctx, ctx)
     if target == "forward":
-        args = (dit, x, jnp.full((batch,), 500.0), ctx)
+        args = (dit, x, jnp.full((batch,), 500.0), cond)
         return jax.jit(lambda m, x, t, c: m(x, t, c)).lower(*args).compile(), args, f"DiT forward, B={batch}"
     schedule = jax.tree.map(jnp.asarray, solvers.make_schedule("unipc", 50, 3.0).padded(100))
     state = loop.init_state("unipc", x)
     guidance = jnp.float32(5.0)
 
     def step(m, state, i):
-        return loop.denoise_step(m, state, i, schedule, ctx, ctx, guidance, solver="unipc", do_cfg=True)
+        return loop.denoise_step(m, state, i, schedule, cond, uncond, guidance, solver="unipc", do_cfg=True)
 
     # The step donates its state: feed each call the previous call's output, as the pipeline does.
     holder = {"state": state}
@@ -108,8 +117,13 @@ def main():
     p.add_argument("--calls", type=int, default=3)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--backend", default="auto", help="attention backend")
+    p.add_argument("--fold-text", type=int, metavar="TOKENS", help="a prompt of this many tokens, its zero padding "
+                   "folded to the pipeline's rows (a key bias), as the pipeline runs it")
+    p.add_argument("--key-bias-backend", help="A/B: the attention backend of calls with a key_bias (folded text)")
+    p.add_argument("--tag", default="", help="suffix of the result file name")
     args = p.parse_args()
-    fn, fargs, what = build(args.target, args.model, args.res, args.batch, args.backend)
+    use_key_bias_backend(args.key_bias_backend)
+    fn, fargs, what = build(args.target, args.model, args.res, args.batch, args.backend, args.fold_text)
     wall_s = float(np.median(timed(fn, *fargs, warmup=2, iters=5)))
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -132,7 +146,7 @@ def main():
         rows.append({"kind": kind_of(name), "name": name[:90], "ms_per_call": ms, "share": ms / total,
                      "calls_per_call": n / args.calls})
     stem = (f"profile_{args.model}_{args.res}_b{args.batch}" + ("" if args.target == "forward" else f"_{args.target}")
-            + ("" if args.backend == "auto" else f"_{args.backend}"))
+            + ("" if args.backend == "auto" else f"_{args.backend}") + (f"_{args.tag}" if args.tag else ""))
     write_results(stem, rows, f"{what}: device time per call by kernel, {args.calls} calls traced; "
                               f"{total:.1f} ms of kernels, {wall_s * 1e3:.1f} ms a call on the host clock (median "
                               f"of 5; bf16, random weights).")
