@@ -71,7 +71,8 @@ def _folded(ctx, tokens: int):
     return fold_text_padding(ctx, lengths, TEXT_FOLD_ROWS)
 
 
-def build(target: str, model_name: str, res: str, batch: int, backend: str, fold_text: int | None = None):
+def build(target: str, model_name: str, res: str, batch: int, backend: str, fold_text: int | None = None,
+          fused_backend: str = "auto"):
     """(callable, its args, a one-line description) for the target; forward and decode come compiled.
     `fold_text`: the prompt has this many tokens (the negative prompt one), zero padding folded like the pipeline."""
     mcfg = ModelConfig.named(model_name)
@@ -85,7 +86,7 @@ def build(target: str, model_name: str, res: str, batch: int, backend: str, fold
         what = "VAE decode of 21 latent frames to 81 RGB frames (bf16)"
         return jit_decode_frames().lower(*args).compile(), args, what
     cfg = WanTransformerConfig.from_dict(mcfg.transformer)
-    dit = random_like(abstract_transformer(cfg, "bfloat16", backend))
+    dit = random_like(abstract_transformer(cfg, "bfloat16", backend, fused_backend=fused_backend))
     ctx = jax.random.normal(key, (batch, TEXT_LEN, cfg.text_dim), jnp.float32)
     cond, uncond = (_folded(ctx, fold_text), _folded(ctx, 1)) if fold_text else (ctx, ctx)
     if target == "forward":
@@ -120,10 +121,12 @@ def main():
     p.add_argument("--fold-text", type=int, metavar="TOKENS", help="a prompt of this many tokens, its zero padding "
                    "folded to the pipeline's rows (a key bias), as the pipeline runs it")
     p.add_argument("--key-bias-backend", help="A/B: the attention backend of calls with a key_bias (folded text)")
+    p.add_argument("--fused-backend", default="auto", help="A/B: the element-wise-fusing kernels' backend")
     p.add_argument("--tag", default="", help="suffix of the result file name")
     args = p.parse_args()
     use_key_bias_backend(args.key_bias_backend)
-    fn, fargs, what = build(args.target, args.model, args.res, args.batch, args.backend, args.fold_text)
+    fn, fargs, what = build(args.target, args.model, args.res, args.batch, args.backend, args.fold_text,
+                            args.fused_backend)
     wall_s = float(np.median(timed(fn, *fargs, warmup=2, iters=5)))
 
     with tempfile.TemporaryDirectory() as tmp:

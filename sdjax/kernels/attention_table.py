@@ -4,11 +4,11 @@ The rows between the GENERATED markers are written by `benchmarks/attention.py -
 result files in benchmarks/results/ (never by hand). A row is one shape on one card: its median ms per
 backend (None where the backend failed or was not available).
 
-Lookup: rows of the same device kind, else of the same platform and GPU architecture; among those (dtype,
-head_dim and whether a key_bias is added must match where such rows exist) the closest shape: log-distance in
-total work and in the T/S aspect, plus 1 when kv_len masking differs (masking a self-attention's tail barely
-changes its cost, so a 32,760-token call with kv_len is closer to the 32,760 row than to the masked 512-key cross
-row).
+Lookup: rows measured with a key_bias for calls with one, without for the others (where such rows exist); of those,
+rows of the same device kind, else of the same platform and GPU architecture; among those (dtype and head_dim must
+match where such rows exist) the closest shape: log-distance in total work and in the T/S aspect, plus 1 when
+kv_len masking differs (masking a self-attention's tail barely changes its cost, so a 32,760-token call with kv_len
+is closer to the 32,760 row than to the masked 512-key cross row).
 Backends come back fastest first; the dispatcher takes the first that supports the inputs.
 """
 
@@ -45,6 +45,9 @@ MEASUREMENTS: list[dict] = [
     {"device_kind": "NVIDIA H200", "platform": "gpu", "arch": "9.0", "shape": "wan1.3b_480p_cross_kvlen",
      "dtype": "bfloat16", "head_dim": 128, "B": 1, "T": 32760, "S": 512, "N": 12, "kv_len": True,
      "ms": {"cudnn": 0.1557, "xla": 1.4015, "pallas_mgpu": 0.1774, "pallas_triton": 0.2866}},
+    {"device_kind": "NVIDIA H100 80GB HBM3", "platform": "gpu", "arch": "9.0", "shape": "wan1.3b_480p_cross_fold",
+     "dtype": "bfloat16", "head_dim": 128, "B": 2, "T": 32760, "S": 128, "N": 12, "kv_len": False, "key_bias": True,
+     "ms": {"cudnn": 0.3936, "xla": 1.7783, "pallas_mgpu": 0.221}},
 ]
 # END GENERATED
 
@@ -59,12 +62,14 @@ def ranking(*, device_kind: str, platform: str, arch: str, dtype: str, head_dim:
             N: int, has_kv_len: bool, has_key_bias: bool = False, rows: list[dict] | None = None) -> list[str]:
     """Backends fastest first for the closest measured shape on this kind of device ([] if none)."""
     rows = MEASUREMENTS if rows is None else rows
+    # Biased calls rank by biased rows from any card of the architecture before unbiased rows of this card.
+    rows = [r for r in rows if r.get("key_bias", False) == has_key_bias] or rows
     same = [r for r in rows if r["device_kind"] == device_kind]
     if not same:
         same = [r for r in rows if r["platform"] == platform and r.get("arch", "") == arch]
-    for key, want in (("dtype", dtype), ("head_dim", head_dim), ("key_bias", has_key_bias)):
-        if any(r.get(key, False) == want for r in same):
-            same = [r for r in same if r.get(key, False) == want]
+    for key, want in (("dtype", dtype), ("head_dim", head_dim)):
+        if any(r[key] == want for r in same):
+            same = [r for r in same if r[key] == want]
     if not same:
         return []
     best = min(same, key=lambda r: _distance(r, B=B, T=T, S=S, N=N, has_kv_len=has_kv_len))

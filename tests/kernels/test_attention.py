@@ -175,15 +175,18 @@ def test_ranking_picks_nearest_measured_shape_fastest_first():
 
 def test_ranking_with_a_key_bias_uses_the_rows_measured_with_one():
     """A bias costs backends differently (cuDNN reads a materialized (B, 1, T, S) one): calls with a key_bias rank
-    by the rows measured with one, calls without by the others, even where a biased row is nearer."""
-    rows = [_row("NVIDIA H100 80GB HBM3", 32760, 128, 12, {"cudnn": 0.11, "pallas_mgpu": 0.14}),
+    by the rows measured with one, calls without by the others, even where the other kind is nearer or of this
+    very card."""
+    rows = [_row("NVIDIA H200", 32760, 128, 12, {"cudnn": 0.11, "pallas_mgpu": 0.14}),
             _row("NVIDIA H100 80GB HBM3", 32760, 512, 12, {"cudnn": 0.27, "pallas_mgpu": 0.16, "xla": 1.0},
                  key_bias=True)]
-    common = dict(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", arch="9.0", dtype="bfloat16", head_dim=128,
+    common = dict(device_kind="NVIDIA H200", platform="gpu", arch="9.0", dtype="bfloat16", head_dim=128,
                   B=1, T=32760, S=128, N=12, has_kv_len=False, rows=rows)
+    # a biased row of another card of the architecture beats this card's unbiased one, and the other way round
     assert attention_table.ranking(**common, has_key_bias=True) == ["pallas_mgpu", "cudnn", "xla"]
     assert attention_table.ranking(**common) == ["cudnn", "pallas_mgpu"]
-    # no biased row measured on this device: the unbiased ones still rank
+    assert attention_table.ranking(**{**common, "device_kind": "NVIDIA H100 80GB HBM3"}) == ["cudnn", "pallas_mgpu"]
+    # no biased row measured at all: the unbiased ones still rank
     assert attention_table.ranking(**{**common, "rows": rows[:1]}, has_key_bias=True) == ["cudnn", "pallas_mgpu"]
 
 
