@@ -7,15 +7,16 @@ per-token RMS scale commutes with the rotation, so both are one pass over y.
 
 | backend       | platform           | what                                                                   |
 |---------------|--------------------|------------------------------------------------------------------------|
-| `xla`         | any                | jnp. With RoPE, XLA makes the statistics their own reduction kernel,   |
-|               |                    | so y (larger than the L2 at video lengths) is read from memory twice;  |
-|               |                    | without, it fuses the norm into one pass                               |
+| `xla`         | any                | jnp. XLA makes the statistics their own reduction kernel, so y (larger |
+|               |                    | than the L2 at video lengths) is read from memory twice               |
 | `pallas_mgpu` | GPU sm_90 (Hopper) | ours (`rms_rope_mgpu.py`): a 64-token row block stays in shared memory |
-| `auto`        |                    | `pallas_mgpu` for RoPE where it runs, else `xla`                       |
+| `auto`        |                    | `pallas_mgpu` where it runs, else `xla`                                |
 
 Measured on an H200, device time (benchmarks/results/rms_rope_s9_NVIDIA_H200.md, 32,760 tokens): Wan-1.3B q or k
 + RoPE 0.085 → 0.069 ms (B=1), 0.175 → 0.126 (B=2); Wan-14B B=2 0.549 → 0.498. Without RoPE (the cross-attention's
-q) XLA's one pass is as fast or faster (1.3B B=1 0.058 vs 0.060; 14B 0.224 vs 0.253), so `auto` keeps it there.
+q) XLA made one pass in that lone benchmark (1.3B B=1 0.058 vs the kernel's 0.060), but inside the model it makes
+two (a reduction, then the element-wise pass): in the H100 profile of a CFG step the kernel there saved ~3 ms
+(fusions 52.2 → 45.7 ms; benchmarks/NOTES.md, session 10), so `auto` takes it with or without RoPE.
 """
 
 from __future__ import annotations
@@ -65,8 +66,7 @@ def rms_norm_rope(y, bias, weight, rope=None, *, heads: int = 1, eps: float, bac
         raise ValueError(f"rms_norm_rope: y{y.shape}, bias {None if bias is None else bias.shape} and "
                          f"weight{weight.shape} disagree")
     if backend == "auto":
-        fuse = rope is not None and unsupported_reason("pallas_mgpu", y, heads) is None
-        backend = "pallas_mgpu" if fuse else "xla"
+        backend = "pallas_mgpu" if unsupported_reason("pallas_mgpu", y, heads) is None else "xla"
     elif (reason := unsupported_reason(backend, y, heads)) is not None:
         raise ValueError(f"rms_norm_rope backend {backend!r} {reason}")
     if backend == "xla":
