@@ -54,9 +54,9 @@ def test_rolling_restart_and_kill9_lose_nothing(spawn, redis_url, tmp_path):
 
         # crash: kill -9 w2 mid-job; its lease expires and w3 reruns the job
         killed = busy_job(w2, exclude=handed_back)  # the handed-back job may land on w2 too: kill another
-        wait_steps(c, killed, 2)
-        with w2.client(ADMIN_KEY) as admin:
+        with w2.client(ADMIN_KEY) as admin:  # read before the steps: nothing between the last step seen and the kill
             held_by_w2 = set(admin.get("/admin/status").json()["worker"]["running"])
+        wait_steps(c, killed, 2)
         w2.proc.kill()
         w2.proc.wait(timeout=10)
 
