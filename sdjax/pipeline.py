@@ -13,7 +13,9 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -193,6 +195,21 @@ class Pipeline:
         """Stage 2: the flow-matching loop. One compiled step per latent shape and cache policy; the host drives
         the steps, the feature cache (`params.cache`) decides on the device. `stats`, a dict, receives
         `steps_computed` / `steps_skipped` (and the per-step log) after the loop."""
+        state, shared, static = self._step_inputs(params, text, latents)
+        n = params.num_inference_steps
+        for i in range(n):
+            if should_stop is not None and should_stop():
+                raise Cancelled(f"stopped before step {i + 1} of {n}")
+            state = loop.denoise_step(self.transformer, state, jnp.int32(i), *shared, **static)
+            if on_step is not None:
+                on_step(i + 1, n)
+        if stats is not None:
+            stats.update(cache.summary(state.cache, n))
+        return state.latents
+
+    def _step_inputs(self, params: UserParams, text: TextEmbeddings, latents=None):
+        """What the compiled step takes for this request: (the loop state at step 0, the traced inputs every step
+        shares after the step index, the static arguments)."""
         if latents is None:
             latents = self.initial_latents(params)
         elif tuple(latents.shape) != self.latent_shape(params):
@@ -210,16 +227,13 @@ class Pipeline:
         cond, uncond = self._fold_text_padding(text.cond, uncond)
         state = loop.init_state(params.solver, latents, policy, model=self.transformer, do_cfg=do_cfg,
                                 max_steps=max_steps)
-        for i in range(n):
-            if should_stop is not None and should_stop():
-                raise Cancelled(f"stopped before step {i + 1} of {n}")
-            state = loop.denoise_step(self.transformer, state, jnp.int32(i), schedule, cond, uncond, guidance,
-                                      plan, solver=params.solver, do_cfg=do_cfg, policy=policy)
-            if on_step is not None:
-                on_step(i + 1, n)
-        if stats is not None:
-            stats.update(cache.summary(state.cache, n))
-        return state.latents
+        return state, (schedule, cond, uncond, guidance, plan), dict(solver=params.solver, do_cfg=do_cfg,
+                                                                      policy=policy)
+
+    def _compile_step(self, params: UserParams, text: TextEmbeddings) -> None:
+        """Compiles (without running) the step this request would run; a later call finds it in jit's cache."""
+        state, shared, static = self._step_inputs(params, text)
+        loop.denoise_step.lower(self.transformer, state, jnp.int32(0), *shared, **static).compile()
 
     def _folds_text_of_length(self, S: int) -> bool:
         """Whether contexts of S rows are folded when short prompts leave them padded."""
@@ -247,16 +261,24 @@ class Pipeline:
         The denoise step is compiled once per solver, cache policy and text form (padding folded for prompts
         shorter than TEXT_FOLD_ROWS tokens, whole otherwise), the per-request choices that change the program
         (thresholds are traced values), so no request pays a compile; the persistent compilation cache makes this
-        cheap after the first start."""
+        cheap after the first start. The first variant of each text form compiles alone — on a GPU, XLA's
+        autotuner times GEMM candidates on the device while it compiles, which concurrent compiles would disturb,
+        and each text form has its own cross-attention shapes — the others then reuse its choices and compile
+        side by side (XLA compiles outside the GIL); every variant finally runs one step."""
         params = dataclasses.replace(params, num_inference_steps=1)
         text = self.encode_text(params)
         forms = [text]
         if self._folds_text_of_length(text.cond.shape[1]):  # short prompts fold their padding; long ones do not
             whole = (None if c is None else c.at[:, -1].set(1.0) for c in (text.cond, text.uncond))  # no padding
             forms.append(TextEmbeddings(*whole))
-        latents = None
-        for solver, policy, txt in itertools.product(SOLVERS, CACHE_POLICIES, forms):
-            variant = dataclasses.replace(params, solver=solver, cache=CacheParams(policy, params.cache.threshold))
+        variants = [(dataclasses.replace(params, solver=solver, cache=CacheParams(policy, params.cache.threshold)),
+                     txt) for txt, solver, policy in itertools.product(forms, SOLVERS, CACHE_POLICIES)]
+        per_form = len(SOLVERS) * len(CACHE_POLICIES)
+        leads, rest = variants[::per_form], [v for i, v in enumerate(variants) if i % per_form]
+        latents = [self.denoise(*v) for v in leads][-1]
+        with ThreadPoolExecutor(max_workers=max(1, min(len(rest), os.cpu_count() or 1))) as pool:
+            list(pool.map(lambda v: self._compile_step(*v), rest))  # (raises the first compile error)
+        for variant, txt in rest:
             latents = self.denoise(variant, txt)
         self.decode(latents)
 

@@ -149,6 +149,42 @@ def test_warmup_compiles_every_solver_and_cache_policy(pipe):
     assert loop.denoise_step._cache_size() == compiled
 
 
+def test_warmup_compiles_the_other_variants_side_by_side_before_their_runs(pipe, monkeypatch):
+    """All step variants but the first (per text form) compile ahead of their runs, in worker threads; the runs
+    that follow find them compiled: no XLA compile happens between the first of those runs and the decode."""
+    import threading
+    import time
+
+    import jax
+
+    from sdjax.config import CACHE_POLICIES, SOLVERS
+
+    threads, denoise_starts, compiles = [], [], []
+    compile_step, denoise = pipe._compile_step, pipe.denoise
+    monkeypatch.setattr(pipe, "_compile_step", lambda *a: (threads.append(threading.current_thread()),
+                                                           compile_step(*a))[1])
+    monkeypatch.setattr(pipe, "denoise", lambda *a, **k: (denoise_starts.append(time.perf_counter()),
+                                                          denoise(*a, **k))[1])
+    monkeypatch.setattr(pipe, "decode", lambda z: denoise_starts.append(time.perf_counter()))  # marks the end
+
+    def on_duration(name, _secs, **_):
+        if name == "/jax/core/compile/backend_compile_duration":
+            compiles.append(time.perf_counter())
+
+    params = pipe.user_params(prompt="warm-up", height=16, width=32, num_frames=9, seed=3)  # a shape no other
+    forms = 2 if pipe._folds_text_of_length(params.max_sequence_length) else 1  # test uses: nothing compiled yet
+    variants = len(SOLVERS) * len(CACHE_POLICIES) * forms
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    try:
+        pipe.warmup(params)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_duration)
+    assert len(threads) == variants - forms and threading.main_thread() not in threads
+    assert len(denoise_starts) == variants + 1
+    first_run_after_pool, end = denoise_starts[forms], denoise_starts[-1]
+    assert not [t for t in compiles if first_run_after_pool <= t <= end]
+
+
 @pytest.mark.parametrize("prompt, folded_form", [("cat", "FoldedText"), ("a red circle moves left", "ArrayImpl")],
                          ids=["short_prompt_folded", "long_prompt_whole"])
 def test_folded_text_padding_gives_the_same_frames(pipe, prompt, folded_form, monkeypatch):
