@@ -49,22 +49,23 @@ def test_rolling_restart_and_kill9_lose_nothing(spawn, redis_url, tmp_path):
         wait_steps(c, handed_back, 2)
         w1.signal(signal.SIGTERM)
         assert w1.wait_exit(30) == 0
+        back = c.get(f"/v1/videos/{handed_back}").json()  # queued again, or already leased (or done) by w2
+        assert back["attempts"] == (0 if back["status"] == "queued" else 1)  # the hand-back is not an attempt
         w3 = worker("w3")
         w3.wait_ready()
 
         # crash: kill -9 w2 mid-job; its lease expires and w3 reruns the job
         killed = busy_job(w2, exclude=handed_back)  # the handed-back job may land on w2 too: kill another
-        with w2.client(ADMIN_KEY) as admin:  # read before the steps: nothing between the last step seen and the kill
-            held_by_w2 = set(admin.get("/admin/status").json()["worker"]["running"])
         wait_steps(c, killed, 2)
-        w2.proc.kill()
+        w2.proc.kill()  # nothing between the last step seen and the kill: 28 steps of slack
         w2.proc.wait(timeout=10)
 
         done = {j: wait_status(c, j, timeout=60) for j in jobs}
         assert {d["status"] for d in done.values()} == {"completed"}
         assert done[killed]["attempts"] == 2  # ran twice, one visible result
-        # a drained job is handed back, not counted as an attempt (unless w2 then held it when it was killed)
-        assert done[handed_back]["attempts"] == (2 if handed_back in held_by_w2 else 1)
+        # the handed-back job ran once more, or twice if w2 held it too when it was killed (w2 leases the next
+        # job's text encoding while it denoises: which jobs it holds at the kill is a matter of timing)
+        assert done[handed_back]["attempts"] in (1, 2)
         for job_id, d in done.items():
             content = c.get(f"/v1/videos/{job_id}/content").content
             assert hashlib.sha256(content).hexdigest() == d["result"]["sha256"]
