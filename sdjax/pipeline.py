@@ -115,6 +115,10 @@ class Pipeline:
         self.vae = vae
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
+        # Ids past the embedding table would turn into NaN embeddings inside the jitted encoder, without an error.
+        if tokenizer.get_vocab_size() > text_encoder.config.vocab_size:
+            raise WeightsError(f"tokenizer: {tokenizer.get_vocab_size()} tokens, but the text encoder embeds only "
+                               f"vocab_size={text_encoder.config.vocab_size}: the two do not belong together")
         vcfg = vae.config
         self.temporal_factor = vcfg.temporal_factor
         self.spatial_factor = vcfg.spatial_factor

@@ -135,6 +135,17 @@ def test_steps_shift_and_guidance_change_without_recompiling(pipe):
     assert loop.denoise_step._cache_size() == compiled
 
 
+def test_a_tokenizer_larger_than_the_text_encoders_vocabulary_is_refused():
+    """Ids past the embedding table would become NaN embeddings inside the jitted encoder: refuse the pairing."""
+    from sdjax.models.tokenizer import load_tokenizer
+
+    demo = Pipeline.default()
+    big = load_tokenizer(FIXTURES / "tokenizer_tiny" / "tokenizer.json")
+    assert big.get_vocab_size() > demo.text_encoder.config.vocab_size
+    with pytest.raises(WeightsError, match=r"tokenizer: \d+ tokens, but the text encoder embeds only vocab_size=32"):
+        Pipeline(demo.config, demo.transformer, demo.vae, demo.text_encoder, big, demo.system)
+
+
 def test_warmup_compiles_every_solver_and_cache_policy(pipe):
     """After `warmup` (what the service runs at start-up) no per-request choice compiles a new step."""
     from sdjax.sampling import loop
