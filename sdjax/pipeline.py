@@ -104,6 +104,24 @@ def _scheduler_shift(root: Path) -> float | None:
     return None
 
 
+def _check_components(transformer, vae, text_encoder, tokenizer) -> None:
+    """Components from different checkpoints fail here by name, not as a shape error deep inside a jitted stage (or,
+    for a tokenizer larger than the embedding table, as NaN embeddings without any error)."""
+    dit, z = transformer.config, vae.config.z_dim
+    if dit.in_channels != z or dit.out_channels != z:
+        raise WeightsError(f"transformer: in_channels={dit.in_channels}, out_channels={dit.out_channels}, but the "
+                           f"vae has z_dim={z}: the two do not belong together")
+    if text_encoder is None:  # driven by precomputed prompt embeddings (benchmarks)
+        return
+    text = text_encoder.config
+    if dit.text_dim != text.d_model:
+        raise WeightsError(f"transformer: text_dim={dit.text_dim}, but the text encoder has d_model={text.d_model}: "
+                           f"the two do not belong together")
+    if tokenizer is not None and tokenizer.get_vocab_size() > text.vocab_size:
+        raise WeightsError(f"tokenizer: {tokenizer.get_vocab_size()} tokens, but the text encoder embeds only "
+                           f"vocab_size={text.vocab_size}: the two do not belong together")
+
+
 class Pipeline:
     """The Wan2.1 text-to-video pipeline over loaded components."""
 
@@ -115,10 +133,7 @@ class Pipeline:
         self.vae = vae
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
-        # Ids past the embedding table would turn into NaN embeddings inside the jitted encoder, without an error.
-        if tokenizer.get_vocab_size() > text_encoder.config.vocab_size:
-            raise WeightsError(f"tokenizer: {tokenizer.get_vocab_size()} tokens, but the text encoder embeds only "
-                               f"vocab_size={text_encoder.config.vocab_size}: the two do not belong together")
+        _check_components(transformer, vae, text_encoder, tokenizer)
         vcfg = vae.config
         self.temporal_factor = vcfg.temporal_factor
         self.spatial_factor = vcfg.spatial_factor

@@ -135,15 +135,16 @@ def test_steps_shift_and_guidance_change_without_recompiling(pipe):
     assert loop.denoise_step._cache_size() == compiled
 
 
-def test_a_tokenizer_larger_than_the_text_encoders_vocabulary_is_refused():
-    """Ids past the embedding table would become NaN embeddings inside the jitted encoder: refuse the pairing."""
-    from sdjax.models.tokenizer import load_tokenizer
-
-    demo = Pipeline.default()
-    big = load_tokenizer(FIXTURES / "tokenizer_tiny" / "tokenizer.json")
-    assert big.get_vocab_size() > demo.text_encoder.config.vocab_size
+def test_components_that_do_not_belong_together_are_refused(pipe):
+    """Mixed checkpoints fail by name: a latent width the VAE does not have, a text width the encoder does not make,
+    and a tokenizer larger than the encoder's embedding table (its ids would become NaN embeddings, silently)."""
+    demo = Pipeline.default()  # z_dim 16, d_model 64, 32 tokens; the fixture: 8, 32, its tokenizer more than 32
+    with pytest.raises(WeightsError, match="in_channels=8, out_channels=8, but the vae has z_dim=16"):
+        Pipeline(pipe.config, pipe.transformer, demo.vae, pipe.text_encoder, pipe.tokenizer)
+    with pytest.raises(WeightsError, match="text_dim=32, but the text encoder has d_model=64"):
+        Pipeline(pipe.config, pipe.transformer, pipe.vae, demo.text_encoder, pipe.tokenizer)
     with pytest.raises(WeightsError, match=r"tokenizer: \d+ tokens, but the text encoder embeds only vocab_size=32"):
-        Pipeline(demo.config, demo.transformer, demo.vae, demo.text_encoder, big, demo.system)
+        Pipeline(demo.config, demo.transformer, demo.vae, demo.text_encoder, pipe.tokenizer)
 
 
 def test_warmup_compiles_every_solver_and_cache_policy(pipe):
