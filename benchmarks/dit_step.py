@@ -58,6 +58,13 @@ def parse_case(case: str):
     return f"wan2.1-t2v-{size}", RES[res], 2 if b == "cfg" else int(b[1:]), b == "cfg"
 
 
+def folded_prompts(ctx, lengths):
+    """ctx (B, S, D) as prompts of `lengths` tokens, their zero padding folded as the pipeline folds it."""
+    lengths = jnp.asarray(lengths, jnp.int32)
+    ctx = jnp.where(jnp.arange(ctx.shape[1])[None, :, None] < lengths[:, None, None], ctx, 0.0)
+    return fold_text_padding(ctx, lengths, TEXT_FOLD_ROWS)
+
+
 def bench_sdjax(cfg, shape, B, backend, cfg_batch=False, fused_backend="auto", compiler_options=None,
                 text_len=TEXT_LEN, fold_text=None):
     model = random_like(abstract_transformer(cfg, "bfloat16", backend, fused_backend=fused_backend))
@@ -68,9 +75,7 @@ def bench_sdjax(cfg, shape, B, backend, cfg_batch=False, fused_backend="auto", c
     t = jnp.full((B,), 500.0)
     ctx = jax.random.normal(key, (B, text_len, cfg.text_dim), jnp.float32)
     if fold_text is not None:  # a prompt of fold_text tokens (and the empty negative prompt), padding folded
-        lengths = jnp.asarray([fold_text, 1][:B] if cfg_batch else [fold_text] * B)
-        ctx = jnp.where(jnp.arange(text_len)[None, :, None] < lengths[:, None, None], ctx, 0.0)
-        ctx = fold_text_padding(ctx, lengths, TEXT_FOLD_ROWS)
+        ctx = folded_prompts(ctx, [fold_text, 1][:B] if cfg_batch else [fold_text] * B)
     fwd = jax.jit(lambda m, x, t, c: m(x, t, c, cfg_batch=cfg_batch))
     t0 = time.perf_counter()
     compiled = fwd.lower(model, x, t, ctx).compile(compiler_options=compiler_options)

@@ -29,12 +29,12 @@ import numpy as np
 from flax import nnx
 
 from benchmarks.common import RESULTS, card_name, random_like, timed, use_key_bias_backend, write_results
-from benchmarks.dit_step import RES, TEXT_LEN
+from benchmarks.dit_step import RES, TEXT_LEN, folded_prompts
 from sdjax.config import ModelConfig
 from sdjax.models.wan.loading import abstract_transformer
-from sdjax.models.wan.transformer import WanTransformerConfig, fold_text_padding
+from sdjax.models.wan.transformer import WanTransformerConfig
 from sdjax.models.wan.vae import AutoencoderKLWan, WanVAEConfig
-from sdjax.pipeline import TEXT_FOLD_ROWS, jit_decode_frames
+from sdjax.pipeline import jit_decode_frames
 from sdjax.sampling import loop, solvers
 
 KINDS = (  # first match wins; kernel names as the profiler reports them
@@ -64,13 +64,6 @@ def device_kernels(trace_dir: Path) -> list[tuple[str, float]]:
             if e.get("ph") == "X" and e.get("pid") in gpu_pids and "dur" in e]
 
 
-def _folded(ctx, tokens: int):
-    """ctx as a prompt of `tokens` tokens, its zero padding folded as the pipeline folds it."""
-    lengths = jnp.full((ctx.shape[0],), tokens, jnp.int32)
-    ctx = jnp.where(jnp.arange(ctx.shape[1])[None, :, None] < tokens, ctx, 0.0)
-    return fold_text_padding(ctx, lengths, TEXT_FOLD_ROWS)
-
-
 def build(target: str, model_name: str, res: str, batch: int, backend: str, fold_text: int | None = None,
           fused_backend: str = "auto"):
     """(callable, its args, a one-line description) for the target; forward and decode come compiled.
@@ -88,7 +81,10 @@ def build(target: str, model_name: str, res: str, batch: int, backend: str, fold
     cfg = WanTransformerConfig.from_dict(mcfg.transformer)
     dit = random_like(abstract_transformer(cfg, "bfloat16", backend, fused_backend=fused_backend))
     ctx = jax.random.normal(key, (batch, TEXT_LEN, cfg.text_dim), jnp.float32)
-    cond, uncond = (_folded(ctx, fold_text), _folded(ctx, 1)) if fold_text else (ctx, ctx)
+    if fold_text:
+        cond, uncond = folded_prompts(ctx, [fold_text] * batch), folded_prompts(ctx, [1] * batch)
+    else:
+        cond = uncond = ctx
     if target == "forward":
         args = (dit, x, jnp.full((batch,), 500.0), cond)
         return jax.jit(lambda m, x, t, c: m(x, t, c)).lower(*args).compile(), args, f"DiT forward, B={batch}"
