@@ -152,6 +152,25 @@ def use_xla_norm(on: bool) -> None:
                                                          else reason(backend, y, heads))
 
 
+def use_xla_ffn(on: bool) -> None:
+    """Benchmark A/B: fc1 + bias + GELU through XLA in this process (`auto` does not pick our fused GEMM)."""
+    if not on:
+        return
+    from sdjax.kernels import dense
+
+    reason = dense.unsupported_reason
+    dense.unsupported_reason = lambda backend, x, w: "off for this A/B" if backend == "pallas_mgpu" else reason(
+        backend, x, w)
+
+
+def parse_xla_options(texts) -> dict | None:
+    """["name=value", ...] -> XLA compiler options for `.compile(compiler_options=...)` (None for none)."""
+    def value(v):
+        return {"true": True, "false": False}.get(v.lower(), v)
+
+    return {name: value(v) for name, _, v in (t.partition("=") for t in texts)} or None
+
+
 def peak_gib() -> float | None:
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")

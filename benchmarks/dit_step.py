@@ -24,12 +24,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import (
+    parse_xla_options,
     peak_gib,
     random_like,
     timed,
     torch_timing,
     use_key_bias_backend,
     use_long_kv_variant,
+    use_xla_ffn,
     use_xla_norm,
     write_results,
 )
@@ -66,8 +68,9 @@ def folded_prompts(ctx, lengths):
 
 
 def bench_sdjax(cfg, shape, B, backend, cfg_batch=False, fused_backend="auto", compiler_options=None,
-                text_len=TEXT_LEN, fold_text=None):
-    model = random_like(abstract_transformer(cfg, "bfloat16", backend, fused_backend=fused_backend))
+                text_len=TEXT_LEN, fold_text=None, residual_dtype=None):
+    model = random_like(abstract_transformer(cfg, "bfloat16", backend, fused_backend=fused_backend,
+                                             residual_dtype=residual_dtype))
     key = jax.random.key(1)
     x = jax.random.normal(key, (B, 16, *shape), jnp.float32)
     if cfg_batch:
@@ -107,9 +110,6 @@ def bench_diffusers(cfg, shape, B):
     return seconds, peak
 
 
-def _parse_option(text: str):
-    name, _, value = text.partition("=")
-    return name, {"true": True, "false": False}.get(value.lower(), value)
 
 
 def main():
@@ -124,16 +124,20 @@ def main():
     p.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE",
                    help="A/B: an XLA compiler option for the forward's jit (repeatable)")
     p.add_argument("--xla-norm", action="store_true", help="A/B: q/k RMSNorm + RoPE through XLA, not our kernel")
+    p.add_argument("--xla-ffn", action="store_true", help="A/B: fc1 + bias + GELU through XLA, not our fused GEMM")
     p.add_argument("--text-len", type=int, default=TEXT_LEN, help="text tokens of the context (Wan pads to 512; "
                    "shorter: what a forward would cost with the padding folded away)")
     p.add_argument("--fold-text", type=int, metavar="TOKENS", help="a prompt of this many tokens, its zero padding "
                    "folded to the pipeline's rows (a key bias), as the pipeline runs it")
     p.add_argument("--key-bias-backend", help="A/B: the attention backend of calls with a key_bias (folded text)")
+    p.add_argument("--residual-dtype", choices=("float32", "bfloat16"),
+                   help="where the residual stream is stored (SystemConfig.residual_dtype; default bf16)")
     args = p.parse_args()
     use_long_kv_variant(args.long_kv_variant)
     use_xla_norm(args.xla_norm)
     use_key_bias_backend(args.key_bias_backend)
-    options = dict(_parse_option(o) for o in args.xla_option) or None
+    use_xla_ffn(args.xla_ffn)
+    options = parse_xla_options(args.xla_option)
     rows = []
     for case in args.cases.split(","):
         name, (h, w), B, cfg_batch = parse_case(case)
@@ -149,9 +153,10 @@ def main():
             except Exception as e:  # a missing wheel or OOM is reported, not fatal for the sdjax numbers
                 theirs = dict(diffusers_error=f"{type(e).__name__}: {str(e)[:80]}")
         ms, compile_s, peak, finite = bench_sdjax(cfg, shape, B, args.backend, cfg_batch, args.fused_backend, options,
-                                                  args.text_len, args.fold_text)
+                                                  args.text_len, args.fold_text, args.residual_dtype)
         text_tokens = TEXT_FOLD_ROWS if args.fold_text else args.text_len
-        row = {"case": case, "tokens": L, "text_tokens": text_tokens, "sdjax_ms": ms * 1e3, "compile_s": compile_s,
+        row = {"case": case, "residual": args.residual_dtype or "bfloat16", "tokens": L, "text_tokens": text_tokens,
+               "sdjax_ms": ms * 1e3, "compile_s": compile_s,
                "peak_GiB": peak,
                "MFU": flops(cfg, L, B, cfg_batch, text_tokens) / ms / 1e12 / PEAK_TFLOPS, "finite": finite, **theirs}
         if "diffusers_ms" in theirs:

@@ -38,10 +38,11 @@ TOKENIZER = "tests/fixtures/tokenizer_tiny/tokenizer.json"
 PROMPT = "a red circle moves left on a black background"  # real UMT5 vocabulary is not shipped; ids suffice
 
 
-def build(model: str, backend: str) -> Pipeline:
+def build(model: str, backend: str, residual_dtype: str | None = None) -> Pipeline:
     cfg = ModelConfig.named(model)
-    system = SystemConfig(dtype="bfloat16", attention_backend=backend)
-    dit = random_like(abstract_transformer(WanTransformerConfig.from_dict(cfg.transformer), "bfloat16", backend))
+    system = SystemConfig(dtype="bfloat16", residual_dtype=residual_dtype, attention_backend=backend)
+    dit = random_like(abstract_transformer(WanTransformerConfig.from_dict(cfg.transformer), "bfloat16", backend,
+                                           residual_dtype=residual_dtype))
     te_cfg = UMT5Config.from_dict(cfg.text_encoder)
     text_encoder = random_like(nnx.eval_shape(lambda: UMT5Encoder(te_cfg, dtype="bfloat16", rngs=nnx.Rngs(0))))
     vae_cfg = WanVAEConfig.from_dict(cfg.vae)
@@ -50,11 +51,13 @@ def build(model: str, backend: str) -> Pipeline:
 
 
 def exact_twin(pipe: Pipeline) -> Pipeline:
-    """The same pipeline (same weights, shared) with exact attention: the reference of a lossy backend's frames."""
+    """The same pipeline (same weights, shared) with exact attention and an fp32 residual stream: the reference of a
+    lossy backend's (or a bf16 stream's) frames."""
     cfg = WanTransformerConfig.from_dict(pipe.config.transformer)
-    graph, _ = nnx.split(abstract_transformer(cfg, "bfloat16", "auto"))
+    graph, _ = nnx.split(abstract_transformer(cfg, "bfloat16", "auto", residual_dtype="float32"))
     dit = nnx.merge(graph, nnx.state(pipe.transformer))
-    return Pipeline(pipe.config, dit, pipe.vae, pipe.text_encoder, pipe.tokenizer, SystemConfig(dtype="bfloat16"))
+    system = SystemConfig(dtype="bfloat16", residual_dtype="float32")
+    return Pipeline(pipe.config, dit, pipe.vae, pipe.text_encoder, pipe.tokenizer, system)
 
 
 def cache_arg(spec: str) -> dict:
@@ -75,9 +78,11 @@ def main():
     p.add_argument("--cache", default="none:0",
                    help="comma-separated policy[:threshold] runs, e.g. none,teacache:0.2 (a policy alone: the "
                         "model's recommended threshold)")
+    p.add_argument("--residual-dtype", choices=("float32", "bfloat16"),
+                   help="where the DiT's residual stream is stored (SystemConfig.residual_dtype; default bf16)")
     p.add_argument("--psnr-vs-exact", action="store_true",
-                   help="a lossy attention backend: also generate each run with exact attention (same weights and "
-                        "seed) and report the frames' PSNR against it")
+                   help="a lossy attention backend or a bf16 residual stream: also generate each run with exact "
+                        "attention and an fp32 stream (same weights and seed) and report the frames' PSNR against it")
     p.add_argument("--tag", default="", help="suffix of the result file name (runs in one call must not share one)")
     p.add_argument("--long-kv-variant", help="A/B: the exact long-key attention kernel as this variant "
                    "(benchmarks/attention.py syntax, e.g. mgpu:64,192,2,0,1)")
@@ -96,7 +101,7 @@ def main():
     use_xla_norm(args.xla_norm)
     use_key_bias_backend(args.key_bias_backend)
     t0 = time.perf_counter()
-    pipe = build(args.model, args.backend)
+    pipe = build(args.model, args.backend, args.residual_dtype)
     build_s = time.perf_counter() - t0
     rows = []
     kw = dict(height=args.height, width=args.width, num_frames=args.frames, guidance_scale=args.guidance, seed=0)
@@ -117,6 +122,7 @@ def main():
         rows.append({"model": args.model, "size": f"{args.width}x{args.height}x{args.frames}", "steps": steps,
                      "cache": f"{r.info['params']['cache']['policy']}:{r.info['params']['cache']['threshold']:g}",
                      "computed": r.info["steps_computed"], "cfg": args.guidance > 1,
+                     "residual": args.residual_dtype or "bfloat16",
                      "text_encode_s": t["text_encode_s"], "denoise_s": t["denoise_s"],
                      "per_step_s": t["denoise_s"] / steps, "decode_s": t["decode_s"],
                      "total_s": sum(t.values()), "warmup": args.warmup, "warmup_compile_s": warm_s,

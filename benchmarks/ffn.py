@@ -11,12 +11,13 @@ config (`block_m x block_n x stages`), the whole FFN (fc1 → GELU → fc2), and
 from __future__ import annotations
 
 import argparse
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import random_like, write_results
+from benchmarks.common import parse_xla_options, random_like, write_results
 from benchmarks.dit_step import TEXT_LEN
 from benchmarks.gemm import ms as device_ms
 from sdjax.config import ModelConfig
@@ -28,8 +29,8 @@ from sdjax.models.wan.transformer import WanTransformerConfig
 SHAPES = {"1.3b": (1536, 8960), "14b": (5120, 13824)}
 
 
-def ms(fn, *args) -> float:
-    return device_ms(jax.jit(fn), *args)
+def ms(fn, *args, options=None) -> float:
+    return device_ms(jax.jit(fn).lower(*args).compile(compiler_options=options), *args)
 
 
 def main():
@@ -37,6 +38,9 @@ def main():
     p.add_argument("--configs", default="128x128x3,128x128x2,64x128x4", help="block_m x block_n x stages")
     p.add_argument("--cases", default="1.3b-32760,1.3b-65520,14b-32760")
     p.add_argument("--no-forward", action="store_true")
+    p.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE",
+                   help="also time the XLA fc1 compiled with these options (e.g. xla_gpu_enable_cublaslt=true: "
+                        "bias + GELU in cuBLASLt's epilogue)")
     args = p.parse_args()
     configs = {c: GeluDenseConfig(block_m=int(c.split("x")[0]), block_n=int(c.split("x")[1]),
                                   stages=int(c.split("x")[2])) for c in args.configs.split(",")}
@@ -53,6 +57,15 @@ def main():
         ref = np.asarray(jax.jit(lambda x, w, b: gelu_dense(x, w, b, backend="xla"))(x, w, b), np.float32)
         base = ms(lambda x, w, b: gelu_dense(x, w, b, backend="xla"), x, w, b)
         rows.append({"case": case, "what": "fc1 + bias + GELU, xla", "ms": base, "TFLOP_per_s": tflop / base * 1e3})
+        if options := parse_xla_options(args.xla_option):
+            xla = lambda x, w, b: gelu_dense(x, w, b, backend="xla")
+            compiled = jax.jit(xla).lower(x, w, b).compile(compiler_options=options)
+            t = ms(xla, x, w, b, options=options)
+            out = np.asarray(compiled(x, w, b), np.float32)
+            rows.append({"case": case, "what": f"fc1 + bias + GELU, xla with {' '.join(args.xla_option)}", "ms": t,
+                         "TFLOP_per_s": tflop / t * 1e3, "speedup": base / t,
+                         "rel_l2_vs_xla": float(np.linalg.norm(out - ref) / np.linalg.norm(ref)),
+                         "gemm_epilogue": ",".join(sorted(set(re.findall(r'"epilogue":"(\w+)"', compiled.as_text()))))})
         for name, cfg in configs.items():
             try:
                 fn = lambda x, w, b, cfg=cfg: gelu_dense_mgpu(x, w, b, config=cfg)

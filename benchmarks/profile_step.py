@@ -65,7 +65,7 @@ def device_kernels(trace_dir: Path) -> list[tuple[str, float]]:
 
 
 def build(target: str, model_name: str, res: str, batch: int, backend: str, fold_text: int | None = None,
-          fused_backend: str = "auto"):
+          fused_backend: str = "auto", residual_dtype: str | None = None):
     """(callable, its args, a one-line description) for the target; forward and decode come compiled.
     `fold_text`: the prompt has this many tokens (the negative prompt one), zero padding folded like the pipeline."""
     mcfg = ModelConfig.named(model_name)
@@ -79,7 +79,8 @@ def build(target: str, model_name: str, res: str, batch: int, backend: str, fold
         what = "VAE decode of 21 latent frames to 81 RGB frames (bf16)"
         return jit_decode_frames().lower(*args).compile(), args, what
     cfg = WanTransformerConfig.from_dict(mcfg.transformer)
-    dit = random_like(abstract_transformer(cfg, "bfloat16", backend, fused_backend=fused_backend))
+    dit = random_like(abstract_transformer(cfg, "bfloat16", backend, fused_backend=fused_backend,
+                                           residual_dtype=residual_dtype))
     ctx = jax.random.normal(key, (batch, TEXT_LEN, cfg.text_dim), jnp.float32)
     if fold_text:
         cond, uncond = folded_prompts(ctx, [fold_text] * batch), folded_prompts(ctx, [1] * batch)
@@ -121,11 +122,13 @@ def main():
                    "folded to the pipeline's rows (a key bias), as the pipeline runs it")
     p.add_argument("--key-bias-backend", help="A/B: the attention backend of calls with a key_bias (folded text)")
     p.add_argument("--fused-backend", default="auto", help="A/B: the element-wise-fusing kernels' backend")
+    p.add_argument("--residual-dtype", choices=("float32", "bfloat16"),
+                   help="where the residual stream is stored (SystemConfig.residual_dtype; default bf16)")
     p.add_argument("--tag", default="", help="suffix of the result file name")
     args = p.parse_args()
     use_key_bias_backend(args.key_bias_backend)
     fn, fargs, what = build(args.target, args.model, args.res, args.batch, args.backend, args.fold_text,
-                            args.fused_backend)
+                            args.fused_backend, args.residual_dtype)
     wall_s = float(np.median(timed(fn, *fargs, warmup=2, iters=5)))
 
     with tempfile.TemporaryDirectory() as tmp:

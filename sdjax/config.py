@@ -241,6 +241,9 @@ class SystemConfig:
     """Launch-time params, fixed after init."""
 
     dtype: str = "bfloat16"
+    # Where the DiT's residual stream is stored: None = in `dtype` (bf16: as diffusers, whose error it matches;
+    # its element-wise passes move half the bytes), or "float32" (as the original Wan code; the more accurate).
+    residual_dtype: str | None = None
     attention_backend: str = "auto"
     cfg_parallel: int = 1
     ulysses: int = 1
@@ -254,6 +257,8 @@ class SystemConfig:
 
         if self.dtype not in DTYPES:
             _fail("dtype", self.dtype, f"one of {', '.join(DTYPES)}")
+        if self.residual_dtype not in (None, "float32", self.dtype):
+            _fail("residual_dtype", self.residual_dtype, f"None (the dtype, {self.dtype}) or float32")
         if self.attention_backend not in BACKENDS:
             _fail("attention_backend", self.attention_backend, f"one of {', '.join(BACKENDS)}")
         for name in ("cfg_parallel", "ulysses", "ring"):

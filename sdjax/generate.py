@@ -34,6 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the policy's threshold (default: the model's recommended one for the policy)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="default: float32 for the demo model, bfloat16 otherwise")
+    p.add_argument("--residual-dtype", default=None, choices=["float32", "bfloat16"],
+                   help="where the DiT's residual stream is stored (default: in --dtype, as diffusers; float32: as the "
+                        "original Wan code, more accurate, ~1%% slower)")
     p.add_argument("--attention-backend", default="auto",
                    help=ATTENTION_BACKEND_HELP)
     p.add_argument("--compile-cache-dir", default=None,
@@ -64,7 +67,8 @@ def main(argv=None) -> int:
 
             args.seed = broadcast(secrets.randbits(31))  # every host must draw the same noise
         system = SystemConfig(dtype=args.dtype or ("float32" if args.model is None else "bfloat16"),
-                              attention_backend=args.attention_backend, compile_cache_dir=args.compile_cache_dir,
+                              residual_dtype=args.residual_dtype, attention_backend=args.attention_backend,
+                              compile_cache_dir=args.compile_cache_dir,
                               weights=args.model,
                               **layout_kwargs(args))
         system.apply_to_runtime()

@@ -164,7 +164,9 @@ class Pipeline:
         if shift is not None and shift != model_config.defaults.flow_shift:
             defaults = dataclasses.replace(model_config.defaults, flow_shift=float(shift))
             model_config = dataclasses.replace(model_config, defaults=defaults)
-        transformer = load_transformer(root / "transformer", dtype=dtype, attention_backend=system.attention_backend,
+        residual_dtype = system.residual_dtype if dtype == system.dtype else None  # `dtype` overrides the system's
+        transformer = load_transformer(root / "transformer", dtype=dtype, residual_dtype=residual_dtype,
+                                       attention_backend=system.attention_backend,
                                        expected_config=WanTransformerConfig.from_dict(model_config.transformer),
                                        system=system)
         # The VAE follows the pipeline dtype: fp32 convolutions run without tensor cores (9.2 s vs 1.0 s in bf16 at

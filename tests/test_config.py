@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import jax.numpy as jnp
 import pytest
 
 from sdjax.config import CacheParams, ConfigError, ModelConfig, ModelDefaults, SystemConfig
@@ -89,9 +90,24 @@ def test_system_config_validates_and_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.dtype = "float32"
     for kwargs, field in [({"dtype": "fp8"}, "dtype"), ({"attention_backend": "magic"}, "attention_backend"),
-                          ({"cfg_parallel": 3}, "cfg_parallel"), ({"ulysses": 0}, "ulysses")]:
+                          ({"cfg_parallel": 3}, "cfg_parallel"), ({"ulysses": 0}, "ulysses"),
+                          ({"dtype": "float32", "residual_dtype": "bfloat16"}, "residual_dtype"),
+                          ({"residual_dtype": "float16"}, "residual_dtype")]:
         with pytest.raises(ConfigError, match=field):
             SystemConfig(**kwargs)
+
+
+@pytest.mark.parametrize("system, dtype, stream", [
+    ({"dtype": "bfloat16"}, None, "bfloat16"),  # the compute dtype, as diffusers
+    ({"dtype": "bfloat16", "residual_dtype": "float32"}, None, "float32"),  # as the original Wan
+    ({"dtype": "bfloat16"}, "float32", "float32"),  # a pipeline dtype overriding the system's: all fp32
+])
+def test_the_residual_stream_dtype_reaches_the_transformer(system, dtype, stream):
+    from sdjax.pipeline import Pipeline
+    from tests.conftest import FIXTURES
+
+    pipe = Pipeline.from_pretrained(FIXTURES / "wan_pipeline_tiny", dtype=dtype, system=SystemConfig(**system))
+    assert pipe.transformer.residual_dtype == jnp.dtype(stream)
 
 
 def test_unknown_model_lists_the_built_in_ones():

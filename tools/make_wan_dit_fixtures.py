@@ -83,8 +83,14 @@ def main() -> None:
         d = OUT / name
         d.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(d, safe_serialization=True)
+        # diffusers' own bf16 run (from_pretrained keeps its fp32 modules; bf16 residual stream): the error a
+        # bf16 model of ours is held to.
+        bf16 = WanTransformer3DModel.from_pretrained(d, torch_dtype=torch.bfloat16).eval()
+        with torch.no_grad():
+            out_bf16 = bf16(hidden_states=latents.bfloat16(), timestep=t, encoder_hidden_states=context.bfloat16(),
+                            return_dict=False)[0].float()
         np.savez_compressed(d / "io.npz", latents=latents.numpy(), timestep=t.numpy(),
-                            context=context.numpy(), output=out.numpy())
+                            context=context.numpy(), output=out.numpy(), output_diffusers_bf16=out_bf16.numpy())
         if idx == 0:  # the same weights in the original Wan checkpoint layout
             orig = d / "original"
             orig.mkdir(exist_ok=True)

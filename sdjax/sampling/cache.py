@@ -201,6 +201,15 @@ def _rel_l1(a, ref):
     return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
 
 
+# The residual stream may be stored in bf16 (`residual_dtype`); the cached residuals stay fp32.
+def _minus(a, b):
+    return a.astype(jnp.float32) - b.astype(jnp.float32)
+
+
+def _plus(h, residual):
+    return (h.astype(jnp.float32) + residual).astype(h.dtype)
+
+
 def forward(model, policy: str, latents, timestep, context, cache: CacheState, plan: CachePlan, i,
             cfg_batch: bool = False):
     """`model(latents, timestep, context, cfg_batch)` under the cache policy at step i: returns (velocity, new
@@ -214,16 +223,16 @@ def forward(model, policy: str, latents, timestep, context, cache: CacheState, p
 
     if policy == "fbcache":
         h1 = run(x, layers=(0, 1))
-        r1 = h1 - x
+        r1 = _minus(h1, x)
         metric = _rel_l1(r1, cache.ref)  # (B',)
         compute = forced | jnp.any(metric >= plan.threshold)
 
         def full(h1, r1, residual, ref):
             out = run(h1, layers=(1, None))
-            return out, out - h1, r1
+            return out, _minus(out, h1), r1
 
         def reuse(h1, r1, residual, ref):
-            return h1 + residual, residual, ref
+            return _plus(h1, residual), residual, ref
 
         h, residual, ref = jax.lax.cond(compute, full, reuse, h1, r1, cache.residual, cache.ref)
         new = cache._replace(residual=residual, ref=ref)
@@ -238,10 +247,10 @@ def forward(model, policy: str, latents, timestep, context, cache: CacheState, p
 
         def full(x, residual):
             out = run(x)
-            return out, out - x
+            return out, _minus(out, x)
 
         def reuse(x, residual):
-            return x + residual, residual
+            return _plus(x, residual), residual
 
         h, residual = jax.lax.cond(compute, full, reuse, x, cache.residual)
         new = cache._replace(residual=residual, acc=jnp.where(compute, 0.0, metric))

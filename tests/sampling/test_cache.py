@@ -124,6 +124,18 @@ def test_static_mask_reuses_the_residual(model, inputs):
     assert np.isfinite(out).all()
 
 
+@pytest.mark.parametrize("policy", ["teacache", "fbcache", "static"])
+def test_a_bf16_residual_stream_caches_like_the_fp32_one(inputs, policy):
+    """With the stream stored in bf16 the cached residuals stay fp32: both branches of the step's cond agree, and a
+    threshold of 0 is still the uncached step."""
+    bf16 = load_transformer(TINY / "transformer", "bfloat16", residual_dtype="bfloat16")
+    plain = denoise(bf16, inputs, "none")[0]
+    out, stats = denoise(bf16, inputs, policy, 0.0)
+    assert stats["steps_skipped"] == 0 and rel_l2(out, plain) <= 1e-6
+    out, stats = denoise(bf16, inputs, policy, 1e9)
+    assert stats["steps_skipped"] > 0 and np.isfinite(out).all() and rel_l2(out, plain) > 1e-3
+
+
 # ------------------------------------------------------------------------------------------ CFG
 
 

@@ -169,15 +169,17 @@ def read_transformer_config(directory: str | Path) -> WanTransformerConfig:
 
 
 def abstract_transformer(cfg: WanTransformerConfig, dtype: str, attention_backend: str = "auto",
-                         fused_backend: str = "auto"):
+                         fused_backend: str = "auto", residual_dtype: str | None = None):
     """The model without memory (`nnx.eval_shape`). `fused_backend` picks the kernels that fuse element-wise work
     into a pass (fc1 + GELU, q/k RMSNorm + RoPE): "auto" or "xla" (benchmarks' A/B)."""
-    return nnx.eval_shape(lambda: WanTransformer3DModel(cfg, dtype=dtype, attention_backend=attention_backend,
+    return nnx.eval_shape(lambda: WanTransformer3DModel(cfg, dtype=dtype, residual_dtype=residual_dtype,
+                                                        attention_backend=attention_backend,
                                                         fused_backend=fused_backend, rngs=nnx.Rngs(0)))
 
 
-def load_transformer(path: str | Path, dtype: str = "float32", *, attention_backend: str = "auto",
-                     expected_config: WanTransformerConfig | None = None, system=None) -> WanTransformer3DModel:
+def load_transformer(path: str | Path, dtype: str = "float32", *, residual_dtype: str | None = None,
+                     attention_backend: str = "auto", expected_config: WanTransformerConfig | None = None,
+                     system=None) -> WanTransformer3DModel:
     """The Wan DiT from a diffusers `transformer/` dir, an original Wan dir, or an Orbax dir (`convert`).
 
     `system` (a `SystemConfig`) with more than one device: the model is placed on its mesh, each tensor going
@@ -192,7 +194,7 @@ def load_transformer(path: str | Path, dtype: str = "float32", *, attention_back
             expected_config.check_matches(dataclasses_asdict(cfg), str(path / "config.json"))
         except ValueError as e:
             raise WeightsError(str(e)) from None
-    model = abstract_transformer(cfg, dtype, attention_backend)
+    model = abstract_transformer(cfg, dtype, attention_backend, residual_dtype=residual_dtype)
     shardings = None
     if system is not None and system.num_devices > 1:
         from sdjax.sharding import make_mesh, param_shardings, shard_transformer

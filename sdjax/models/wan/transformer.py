@@ -4,10 +4,11 @@ Reads in forward order: config → numerics policy → helpers (norms, RoPE, tim
 (folded out of the cross-attention) → embeddings → attention → block → model. Shapes: B batch, C latent
 channels, F/H/W latent frames/height/width, L video tokens, S text tokens, D model dim, N heads, K head dim.
 
-Numerics (bf16 mode): weights and matmuls in bf16; the residual stream, every LayerNorm + modulation, the
-q/k RMSNorm statistics, RoPE, the time path and the output head stay in fp32 (`FP32_PARAMS` lists the
-weights kept in fp32). This follows the original Wan code, which keeps the residual stream in fp32, and is
-more accurate than diffusers' bf16 residual at the same matmul cost.
+Numerics (bf16 mode): weights and matmuls in bf16; every LayerNorm + modulation, residual add, the q/k RMSNorm
+statistics, RoPE, the time path and the output head compute in fp32 (`FP32_PARAMS` lists the weights kept in
+fp32). The residual stream is stored in `residual_dtype`: by default in the compute dtype, bf16 as diffusers keeps
+it — each residual add rounds once, the error stays within diffusers' own, and every element-wise pass over the
+stream moves half the bytes (measured: benchmarks/NOTES.md) — or in fp32 as the original Wan code (more accurate).
 """
 
 from __future__ import annotations
@@ -89,6 +90,16 @@ class WanTransformerConfig:
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
+def residual_dtype_of(dtype: str, residual_dtype: str | None) -> str:
+    """The residual stream's dtype: the compute dtype (None) or fp32 — never narrower than the weights."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not allowed: one of {', '.join(DTYPES)}")
+    if residual_dtype not in (None, "float32", dtype):
+        raise ValueError(f"residual_dtype={residual_dtype!r} is not allowed with dtype={dtype!r}: None (the "
+                         f"dtype) or float32")
+    return residual_dtype or dtype
+
+
 # Weights kept in fp32 in bf16 mode (dotted path fragments of our state).
 FP32_PARAMS = ("condition_embedder.time_embedder", "condition_embedder.time_proj", "scale_shift_table",
                "norm2", "norm_q", "norm_k", "proj_out")
@@ -97,6 +108,12 @@ FP32_PARAMS = ("condition_embedder.time_embedder", "condition_embedder.time_proj
 def _linear(d_in, d_out, dtype, rngs, *, fp32=False):
     dt = jnp.float32 if fp32 else dtype
     return nnx.Linear(d_in, d_out, dtype=dt, param_dtype=dt, precision=matmul_precision(dt), rngs=rngs)
+
+
+def _residual_add(x, y, gate=None):
+    """x + y (· gate), computed in fp32 and stored in x's dtype (the residual stream's)."""
+    y = y.astype(jnp.float32)
+    return (x.astype(jnp.float32) + (y if gate is None else y * gate)).astype(x.dtype)
 
 
 def _matmul(x, linear: nnx.Linear):
@@ -337,8 +354,8 @@ class WanBlock(nnx.Module):
             jax.random.normal(rngs.params(), (1, 6, cfg.dim), jnp.float32) / math.sqrt(cfg.dim))
 
     def __call__(self, x, e0, text, rope, attend=None):
-        """x (B, L, D) fp32 residual stream; e0 (B, 6, D) fp32; text = (states (B, S, D), key bias (B, S) or None);
-        rope = (cos, sin).
+        """x (B, L, D) the residual stream (fp32 or bf16); e0 (B, 6, D) fp32; text = (states (B, S, D), key bias
+        (B, S) or None); rope = (cos, sin).
 
         `attend` is the self-attention kernel when the tokens are split over devices (cross-attention to the
         whole text needs no communication and keeps the plain kernel)."""
@@ -348,16 +365,16 @@ class WanBlock(nnx.Module):
         """The first half: x + gate1 · attn1(modulated LayerNorm(x)). It does not see the text."""
         shift1, scale1, gate1 = self._modulation(e0, 0)
         u = (layer_norm(x, self.eps) * (1 + scale1) + shift1).astype(self.dtype)
-        return x + self.attn1(u, rope=rope, attend=attend).astype(jnp.float32) * gate1
+        return _residual_add(x, self.attn1(u, rope=rope, attend=attend), gate1)
 
     def text_and_ffn(self, x, e0, text):
         """The second half: cross-attention to the text, then the modulated, gated FFN."""
         shift2, scale2, gate2 = self._modulation(e0, 3)
         u = self.norm2(x).astype(self.dtype)
         states, key_bias = text
-        x = x + self.attn2(u, context=states, key_bias=key_bias).astype(jnp.float32)
+        x = _residual_add(x, self.attn2(u, context=states, key_bias=key_bias))
         u = (layer_norm(x, self.eps) * (1 + scale2) + shift2).astype(self.dtype)
-        return x + self.ffn(u).astype(jnp.float32) * gate2
+        return _residual_add(x, self.ffn(u), gate2)
 
     def cfg_first(self, x, e0, text, rope, attend=None):
         """This block on a CFG batch [conditional; unconditional] of one latent at one timestep: both halves of x
@@ -414,11 +431,10 @@ class WanTransformer3DModel(nnx.Module):
     """`model(latents (B, C, F, H, W), timestep (B,), context (B, S, text_dim)) -> (B, C, F, H, W)`; context may
     also be a `FoldedText` (the same function, less cross-attention work)."""
 
-    def __init__(self, cfg: WanTransformerConfig, *, dtype: str = "float32", attention_backend: str = "auto",
-                 fused_backend: str = "auto", rngs: nnx.Rngs):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r} is not allowed: one of {', '.join(DTYPES)}")
+    def __init__(self, cfg: WanTransformerConfig, *, dtype: str = "float32", residual_dtype: str | None = None,
+                 attention_backend: str = "auto", fused_backend: str = "auto", rngs: nnx.Rngs):
         self.config = cfg
+        self.residual_dtype = DTYPES[residual_dtype_of(dtype, residual_dtype)]
         self.dtype = dt = DTYPES[dtype]
         self.patch_embedding = PatchEmbedding(cfg, dt, rngs)
         self.condition_embedder = ConditionEmbedder(cfg, dt, rngs)
@@ -439,12 +455,12 @@ class WanTransformer3DModel(nnx.Module):
     # The pieces, so samplers and caches can compose them (embed → blocks → head).
 
     def embed(self, latents, timestep, context):
-        """Returns x (B, L, D) fp32, temb (B, D), e0 (B, 6, D), text = (states (B, S, D), key bias (B, S) or
-        None), rope (cos, sin)."""
+        """Returns x (B, L, D) in the residual dtype, temb (B, D), e0 (B, 6, D), text = (states (B, S, D), key
+        bias (B, S) or None), rope (cos, sin)."""
         context, key_bias = (context.context, context.key_bias) if isinstance(context, FoldedText) else (context, None)
         self._check_inputs(latents, timestep, context, key_bias)
         cfg = self.config
-        x = self.patch_embedding(latents).astype(jnp.float32)
+        x = self.patch_embedding(latents).astype(self.residual_dtype)
         temb, e0 = self.condition_embedder.time(timestep)
         text = (self.condition_embedder.text(context), key_bias)
         cos, sin = rope_angles(self.token_grid(latents.shape), cfg.attention_head_dim, cfg.rope_theta)
