@@ -45,17 +45,12 @@ class GeluDenseConfig:
     block_k: int = 64  # reduction step (64 bf16 = one 128-byte swizzle row)
     stages: int = 3  # depth of the x / w shared-memory ring (3 and 4 measured within noise; 4 needs a split store)
     clusters: int | None = None  # persistent clusters of 2 CTAs (default: half the device's SM count)
-    # k-steps whose wgmma may still run when the next is issued (0: each waits for its own before its ring slot
-    # goes back to the copy warpgroup; 1: the slot goes back one step later, the tensor cores never drain).
-    delay_release: int = 0
 
     def __post_init__(self):
         if self.block_m % 64 or self.block_n % 64 or self.block_k != 64:
             raise ValueError(f"GeluDenseConfig: block_m, block_n multiples of 64 and block_k = 64, got {self}")
         if self.stages < 2:
             raise ValueError(f"GeluDenseConfig: stages must be >= 2, got {self.stages}")
-        if self.delay_release not in (0, 1) or self.stages <= self.delay_release + 1:
-            raise ValueError(f"GeluDenseConfig: delay_release must be 0 or 1 and below stages - 1, got {self}")
         if self.smem_bytes() > SMEM_BYTES:
             raise ValueError(f"GeluDenseConfig: {self} needs {self.smem_bytes()} bytes of shared memory, "
                              f"more than {SMEM_BYTES}")
@@ -117,10 +112,9 @@ def _gelu_dense(x, w, b, config: GeluDenseConfig):
         return plgpu.emit_pipeline_warp_specialized(
             body, grid=(K // bk,), memory_registers=40, max_concurrent_steps=config.stages, wg_axis="wg",
             num_compute_wgs=2, compute_context=context,
-            in_specs=[plgpu.BlockSpec((2 * bm, bk), lambda k: (0, k), transforms=_SWIZZLED, memory_space=plgpu.SMEM,
-                                      collective_axes=("cluster",), delay_release=config.delay_release),
-                      plgpu.BlockSpec((bk, bn), lambda k: (k, 0), transforms=_SWIZZLED, memory_space=plgpu.SMEM,
-                                      delay_release=config.delay_release)])
+            in_specs=[plgpu.BlockSpec((2 * bm, bk), lambda k: (0, k), transforms=_SWIZZLED,
+                                      memory_space=plgpu.SMEM, collective_axes=("cluster",)),
+                      plgpu.BlockSpec((bk, bn), lambda k: (k, 0), transforms=_SWIZZLED, memory_space=plgpu.SMEM)])
 
     def kernel(x_ref, w_ref, b_ref, o_ref):
         def scoped(ring, o_smem, b_smem, b_ready):
@@ -150,7 +144,7 @@ def _gelu_dense(x, w, b, config: GeluDenseConfig):
 
                 def step(_k, x_smem, w_smem, acc_ref):
                     plgpu.wgmma(acc_ref, x_smem.at[pl.ds(wg * bm, bm)], w_smem)
-                    plgpu.wgmma_wait(config.delay_release)  # the slot `delay_release` steps back is free now
+                    plgpu.wgmma_wait(0)  # the slot goes back to the copy warpgroup when this returns
                     return acc_ref
 
                 pipeline(step, epilogue_around)(x_ref.at[pl.ds(m0, 2 * bm), :], w_ref.at[:, cols], allocations=ring)
