@@ -108,6 +108,21 @@ def _num_sms() -> int:
     return getattr(jax.devices()[0], "core_count", None) or 132
 
 
+def _launch(kernel, clusters: int, x, w, b):
+    """`kernel` on `clusters` persistent clusters of 2 CTAs, each 2 compute + 1 copy warpgroups: (M, N) in x's dtype."""
+    return plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), x.dtype),
+        grid=(clusters,),
+        grid_names=("cluster_grid",),
+        cluster=(2,),
+        cluster_names=("cluster",),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(x, w, b)
+
+
 def _gelu_dense(x, w, b, config: GeluDenseConfig):
     M, K = x.shape
     N = w.shape[1]
@@ -164,17 +179,7 @@ def _gelu_dense(x, w, b, config: GeluDenseConfig):
                       plgpu.SMEM((2, bm, bn), x.dtype, transforms=_SWIZZLED), plgpu.SMEM((2, bn), jnp.float32),
                       plgpu.Barrier(num_barriers=2), collective_axes="wg")
 
-    return plgpu.kernel(
-        kernel,
-        out_type=jax.ShapeDtypeStruct((M, N), x.dtype),
-        grid=(clusters,),
-        grid_names=("cluster_grid",),
-        cluster=(2,),
-        cluster_names=("cluster",),
-        num_threads=3,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(x, w, b)
+    return _launch(kernel, clusters, x, w, b)
 
 
 def _overlapped(x, w, b, config: GeluDenseConfig):
@@ -274,14 +279,4 @@ def _overlapped(x, w, b, config: GeluDenseConfig):
                       plgpu.SMEM((2, bm, bn), x.dtype, transforms=_SWIZZLED), plgpu.SMEM((2, 2, bn), jnp.float32),
                       plgpu.Barrier(num_barriers=(2, 2)), collective_axes="wg")
 
-    return plgpu.kernel(
-        kernel,
-        out_type=jax.ShapeDtypeStruct((M, N), x.dtype),
-        grid=(clusters,),
-        grid_names=("cluster_grid",),
-        cluster=(2,),
-        cluster_names=("cluster",),
-        num_threads=3,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(x, w, b)
+    return _launch(kernel, clusters, x, w, b)
