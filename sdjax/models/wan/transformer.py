@@ -90,6 +90,7 @@ class WanTransformerConfig:
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
+
 def residual_dtype_of(dtype: str, residual_dtype: str | None) -> str:
     """The residual stream's dtype: the compute dtype (None) or fp32 — never narrower than the weights."""
     if dtype not in DTYPES:
