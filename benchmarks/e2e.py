@@ -106,9 +106,9 @@ def main():
     rows = []
     kw = dict(height=args.height, width=args.width, num_frames=args.frames, guidance_scale=args.guidance, seed=0)
     runs = [(steps, c) for steps in map(int, args.steps.split(",")) for c in args.cache.split(",")]
-    t0 = time.perf_counter()
-    if args.warmup == "service":
-        pipe.warmup(pipe.user_params(prompt="warm up", **kw))  # every solver and cache policy, as the service
+    t0, phases = time.perf_counter(), {}
+    if args.warmup == "service":  # every solver and cache policy, as the service
+        phases = {f"warmup_{k}": v for k, v in pipe.warmup(pipe.user_params(prompt="warm up", **kw)).items()}
     else:  # the step's schedule is padded to a fixed length: 2 steps compile what 50 run
         for c in dict.fromkeys(c for _, c in runs):
             pipe(PROMPT, num_inference_steps=2, progress=False, cache=cache_arg(c), **kw)
@@ -125,7 +125,7 @@ def main():
                      "residual": args.residual_dtype or "bfloat16",
                      "text_encode_s": t["text_encode_s"], "denoise_s": t["denoise_s"],
                      "per_step_s": t["denoise_s"] / steps, "decode_s": t["decode_s"],
-                     "total_s": sum(t.values()), "warmup": args.warmup, "warmup_compile_s": warm_s,
+                     "total_s": sum(t.values()), "warmup": args.warmup, "warmup_compile_s": warm_s, **phases,
                      "build_s": build_s,
                      "peak_GiB": peak_gib(), "frames_finite": bool((r.frames == r.frames).all()),
                      **gpu.summary()})

@@ -37,10 +37,10 @@ def worker(mode: str, model: str | None, dtype: str | None, size: dict) -> dict:
         dtype = dtype or pipe.system.dtype
     params = pipe.user_params(prompt="warm up", **size)
     t0 = time.perf_counter()
-    pipe.warmup(params)
+    phases = pipe.warmup(params)
     return {"mode": mode, "model": pipe.config.name, "dtype": dtype,
             "size": f"{params.width}x{params.height}x{params.num_frames}", "warmup_s": time.perf_counter() - t0,
-            "cpus": cpus}
+            "cpus": cpus, **phases}
 
 
 def main():

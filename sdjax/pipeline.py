@@ -276,7 +276,7 @@ class Pipeline:
         """Stage 3: VAE decode -> frames (F, H, W, 3) float32 in [0, 1]."""
         return np.asarray(self._decode(self.vae, jnp.asarray(latents, jnp.float32)))
 
-    def warmup(self, params: UserParams) -> None:
+    def warmup(self, params: UserParams) -> dict:
         """Compile every stage for this request's shape (the service calls it at start-up).
 
         The denoise step is compiled once per solver, cache policy and text form (padding folded for prompts
@@ -285,8 +285,21 @@ class Pipeline:
         cheap after the first start. The first variant of each text form compiles alone — on a GPU, XLA's
         autotuner times GEMM candidates on the device while it compiles, which concurrent compiles would disturb,
         and each text form has its own cross-attention shapes — the others then reuse its choices and compile
-        side by side (XLA compiles outside the GIL); every variant finally runs one step."""
+        side by side (XLA compiles outside the GIL); every variant finally runs one step.
+
+        Returns where the time went: `leads_s` (the first variant of each text form: compile and one step),
+        `side_by_side_s` (the other variants' compiles, wall clock) and `side_by_side_compile_s` (their compile times
+        summed: side_by_side_s × workers if nothing serializes them), `runs_s` (their one-step runs), `variants`,
+        `workers`."""
         params = dataclasses.replace(params, num_inference_steps=1)
+        clock, compile_s = time.perf_counter, []
+
+        def compile_step(variant):
+            start = clock()
+            self._compile_step(*variant)
+            compile_s.append(clock() - start)
+
+        t0 = clock()
         text = self.encode_text(params)
         forms = [text]
         if self._folds_text_of_length(text.cond.shape[1]):  # short prompts fold their padding; long ones do not
@@ -296,12 +309,19 @@ class Pipeline:
                      txt) for txt, solver, policy in itertools.product(forms, SOLVERS, CACHE_POLICIES)]
         per_form = len(SOLVERS) * len(CACHE_POLICIES)
         leads, rest = variants[::per_form], [v for i, v in enumerate(variants) if i % per_form]
-        latents = [self.denoise(*v) for v in leads][-1]
-        with ThreadPoolExecutor(max_workers=max(1, min(len(rest), os.cpu_count() or 1))) as pool:
-            list(pool.map(lambda v: self._compile_step(*v), rest))  # (raises the first compile error)
+        latents = jax.block_until_ready([self.denoise(*v) for v in leads][-1])
+        t1 = clock()
+        workers = max(1, min(len(rest), os.cpu_count() or 1))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(compile_step, rest))  # (raises the first compile error)
+        t2 = clock()
         for variant, txt in rest:
             latents = self.denoise(variant, txt)
+        jax.block_until_ready(latents)
+        t3 = clock()
         self.decode(latents)
+        return {"leads_s": t1 - t0, "side_by_side_s": t2 - t1, "side_by_side_compile_s": sum(compile_s),
+                "runs_s": t3 - t2, "variants": len(variants), "workers": workers}
 
     # ------------------------------------------------------------------ one call
 

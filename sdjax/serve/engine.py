@@ -35,7 +35,7 @@ class Engine(Protocol):
 
     def decode(self, latents) -> np.ndarray: ...  # (F, H, W, 3) float32 in [0, 1]
 
-    def warmup(self, params) -> None: ...
+    def warmup(self, params) -> dict | None: ...
 
 
 EngineFactory = Callable[..., Engine]  # factory(settings, model: str | None) -> Engine

@@ -187,11 +187,17 @@ def test_warmup_compiles_the_other_variants_side_by_side_before_their_runs(pipe,
     forms = 2 if pipe._folds_text_of_length(params.max_sequence_length) else 1  # test uses: nothing compiled yet
     variants = len(SOLVERS) * len(CACHE_POLICIES) * forms
     jax.monitoring.register_event_duration_secs_listener(on_duration)
+    start = time.perf_counter()
     try:
-        pipe.warmup(params)
+        phases = pipe.warmup(params)
     finally:
         jax.monitoring.unregister_event_duration_listener(on_duration)
+    wall = time.perf_counter() - start
     assert len(threads) == variants - forms and threading.main_thread() not in threads
+    # where the time went: the phases fit in the call, and the summed compiles in the pool's wall clock × workers
+    assert phases["variants"] == variants and phases["workers"] >= 1
+    assert phases["leads_s"] + phases["side_by_side_s"] + phases["runs_s"] <= wall
+    assert 0 < phases["side_by_side_compile_s"] <= phases["side_by_side_s"] * phases["workers"]
     assert len(denoise_starts) == variants + 1
     first_run_after_pool, end = denoise_starts[forms], denoise_starts[-1]
     assert not [t for t in compiles if first_run_after_pool <= t <= end]
