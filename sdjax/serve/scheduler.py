@@ -192,7 +192,10 @@ class Worker:
                 params = engine.user_params(prompt="warm-up", width=w, height=h, num_frames=f, seed=0)
             except ConfigError as e:
                 raise ConfigError(f"allowed shape {w}x{h}x{f} (--sizes/--frames) rejected by the model: {e}") from e
-            engine.warmup(params)
+            phases = engine.warmup(params)
+            if phases:  # where a cold start's time went (compiles alone, side by side, runs)
+                log.info("warmed up", extra={"worker": self.id, "shape": f"{w}x{h}x{f}",
+                                             **{k: round(v, 3) for k, v in phases.items()}})
         warm_s = time.perf_counter() - t0
         cfg = engine.config
         info = {

@@ -83,10 +83,12 @@ class FakeEngine:
         frames = np.repeat(np.repeat(latents.array, PATCH, axis=1), PATCH, axis=2)
         return np.clip(frames, 0.0, 1.0).astype(np.float32)  # (F, H, W, 3)
 
-    def warmup(self, params) -> None:
+    def warmup(self, params) -> dict:
         if self.fail_warmup:
             raise RuntimeError("fake engine: warm-up failed (broken weights)")
         self.warmed.append((params.width, params.height, params.num_frames))
+        return {"leads_s": 0.0, "side_by_side_s": 0.0, "side_by_side_compile_s": 0.0, "runs_s": 0.0, "variants": 1,
+                "workers": 1}  # the shape of Pipeline.warmup's answer
 
 
 def make(settings, model: str | None = None) -> FakeEngine:

@@ -246,6 +246,9 @@ def test_models_and_metrics(alice):
 def test_structured_logs_carry_the_job_id(server, alice):
     job = create_video(alice, prompt="logged", num_inference_steps=2)
     wait_status(alice, job["id"])
+    records = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    warmed = [rec for rec in records if rec["msg"] == "warmed up"]  # one a shape, with the warm-up's phases
+    assert warmed and all(rec["worker"] and "x" in rec["shape"] and rec["variants"] >= 1 for rec in warmed)
 
     def logged():
         lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
