@@ -187,10 +187,11 @@ def _overlapped(x, w, b, config: GeluDenseConfig):
 
     One warp-specialized pipeline runs all of a cluster's tiles back to back (step s: tile s // k_steps, k-step
     s % k_steps; tiles c, c + G, c + 2G, … of cluster c, the last ones past the end reading zeros and storing
-    nothing). A compute warpgroup accumulates tile j in `accs[j % 2]` while, in tile j's first two k-steps, right
-    after issuing their wgmma, it finishes tile j − 1 from the other accumulator: bias, GELU and the store of one
-    half of its rows a step. The last tile's epilogue runs after the pipeline. Tile j's bias goes to shared
-    memory slot j % 2, which tile j − 2's epilogue has left.
+    nothing). A compute warpgroup accumulates every tile in one accumulator, always the same (a wgmma in
+    straight-line code stays asynchronous); at a tile's last k-step it moves the sums to a second one and zeroes the
+    first. In the next tile's first two k-steps, right after issuing their wgmma, it finishes the moved sums: bias,
+    GELU and the store of half their rows a step. The last tile's epilogue runs after the pipeline. Tile j's bias
+    goes to shared-memory slot j % 2, which tile j − 2's epilogue has left.
     """
     M, K = x.shape
     N = w.shape[1]
@@ -240,34 +241,35 @@ def _overlapped(x, w, b, config: GeluDenseConfig):
                 plgpu.copy_smem_to_gmem(o_smem.at[wg, pl.ds(piece * half, half)],
                                         o_ref.at[pl.ds(m0, half), pl.ds(col_block(t) * bn, bn)])
 
-            def accumulate(acc, other, mine, t, j, k, x_smem, w_smem):
-                """Tile j (= t) into `acc`, slot `mine`; its first two k-steps also finish tile j − 1 from `other`."""
-                @pl.when(k == 0)
-                def _():
-                    fetch_bias(t, mine)
-                    acc[...] = jnp.zeros(acc.shape, jnp.float32)
-
-                plgpu.wgmma(acc, x_smem.at[pl.ds(wg * bm, bm)], w_smem)
-                for piece in (0, 1):  # half of the last tile's rows a step, while this wgmma runs
-                    pl.when(jnp.logical_and(k == piece, j > 0))(
-                        functools.partial(finish, other, t - clusters, 1 - mine, piece))
-
             def step(idx, x_smem, w_smem, accs):
+                acc, done = accs  # tile j's running sums; tile j − 1's finished ones
                 (s,) = idx
                 j, k = s // k_steps, lax.rem(s, k_steps)
-                for mine in (0, 1):  # the accumulators are register arrays: each parity is its own branch
-                    pl.when(lax.rem(j, 2) == mine)(functools.partial(
-                        accumulate, accs[mine], accs[1 - mine], mine, tile_of(s), j, k, x_smem, w_smem))
+                t = tile_of(s)
+
+                @pl.when(k == 0)
+                def _():
+                    fetch_bias(t, lax.rem(j, 2))
+
+                plgpu.wgmma(acc, x_smem.at[pl.ds(wg * bm, bm)], w_smem)  # straight-line: ptxas keeps it async
+                for piece in (0, 1):  # half of the last tile's rows a step, while this wgmma runs
+                    pl.when(jnp.logical_and(k == piece, j > 0))(
+                        functools.partial(finish, done, t - clusters, lax.rem(j + 1, 2), piece))
                 plgpu.wgmma_wait(0)  # the slot goes back to the copy warpgroup when this returns
+
+                @pl.when(k == k_steps - 1)
+                def _():  # tile j is summed: it becomes the one to finish, a zeroed accumulator takes tile j + 1
+                    done[...] = plgpu.wgmma_accumulator_load(acc, wait_n=None)
+                    acc[...] = jnp.zeros(acc.shape, jnp.float32)
+
                 return accs
 
             def context(main_loop):
-                def run(acc0, acc1):
-                    main_loop((acc0, acc1))
+                def run(acc, done):
+                    main_loop((acc, done))
                     last = per_cluster - 1
-                    acc = (acc0, acc1)[last % 2]
                     for piece in (0, 1):
-                        finish(acc, c + last * clusters, last % 2, piece)
+                        finish(done, c + last * clusters, last % 2, piece)
 
                 pl.run_scoped(run, plgpu.ACC((bm, bn), jnp.float32), plgpu.ACC((bm, bn), jnp.float32))
 
