@@ -110,8 +110,6 @@ def bench_diffusers(cfg, shape, B):
     return seconds, peak
 
 
-
-
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--cases", default="1.3b-480p-b1,1.3b-480p-b2,1.3b-720p-b1,14b-480p-b1")

@@ -29,8 +29,8 @@ from sdjax.models.wan.transformer import WanTransformerConfig
 SHAPES = {"1.3b": (1536, 8960), "14b": (5120, 13824)}
 
 
-def ms(fn, *args, options=None) -> float:
-    return device_ms(jax.jit(fn).lower(*args).compile(compiler_options=options), *args)
+def ms(fn, *args) -> float:
+    return device_ms(jax.jit(fn), *args)
 
 
 def main():
@@ -62,7 +62,7 @@ def main():
         if options := parse_xla_options(args.xla_option):
             xla = lambda x, w, b: gelu_dense(x, w, b, backend="xla")
             compiled = jax.jit(xla).lower(x, w, b).compile(compiler_options=options)
-            t = ms(xla, x, w, b, options=options)
+            t = device_ms(compiled, x, w, b)
             out = np.asarray(compiled(x, w, b), np.float32)
             rows.append({"case": case, "what": f"fc1 + bias + GELU, xla with {' '.join(args.xla_option)}", "ms": t,
                          "TFLOP_per_s": tflop / t * 1e3, "speedup": base / t,
