@@ -59,6 +59,8 @@ class GeluDenseConfig:
             raise ValueError(f"GeluDenseConfig: block_m, block_n multiples of 64 and block_k = 64, got {self}")
         if self.stages < 2:
             raise ValueError(f"GeluDenseConfig: stages must be >= 2, got {self.stages}")
+        if self.overlap_epilogue and self.block_m % 128:  # the epilogue goes in halves of 64 rows (a wgmma tile)
+            raise ValueError(f"GeluDenseConfig: overlap_epilogue needs block_m % 128 == 0, got {self.block_m}")
         if self.smem_bytes() > SMEM_BYTES:
             raise ValueError(f"GeluDenseConfig: {self} needs {self.smem_bytes()} bytes of shared memory, "
                              f"more than {SMEM_BYTES}")
@@ -77,6 +79,8 @@ def unsupported_reason(x, w, config: GeluDenseConfig = GeluDenseConfig()) -> str
         return f"needs the reduction dim to be a multiple of {config.block_k}, got {K}"
     if N % (2 * config.block_n):
         return f"needs the output dim to be a multiple of {2 * config.block_n} (a cluster's columns), got {N}"
+    if config.overlap_epilogue and K < 2 * config.block_k:
+        return f"with overlap_epilogue needs at least 2 reduction steps ({2 * config.block_k}), got {K}"
     return None
 
 
@@ -202,8 +206,6 @@ def _overlapped(x, w, b, config: GeluDenseConfig):
     clusters = min(config.clusters or _num_sms() // 2, tiles)
     per_cluster = pl.cdiv(tiles, clusters)
     half = bm // 2
-    if k_steps < 2 or bm % 128:
-        raise ValueError(f"gelu_dense_mgpu overlap_epilogue needs >= 2 k-steps and block_m % 128 == 0, got {config}")
 
     def kernel(x_ref, w_ref, b_ref, o_ref):
         c, cta = lax.axis_index("cluster_grid"), lax.axis_index("cluster")

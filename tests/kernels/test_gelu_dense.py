@@ -98,8 +98,9 @@ def test_overlapped_epilogue_lowers_for_cuda(M, clusters):
     args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((M, K), (K, N), (N,))]
     fn = jax.jit(lambda x, w, b: gelu_dense_mgpu(x, w, b, config=config))
     assert "mosaic_gpu" in jax.export.export(fn, platforms=["cuda"])(*args).mlir_module()
-    with pytest.raises(ValueError, match="overlap_epilogue needs"):
-        gelu_dense_mgpu(*inputs(64, 128, 256), config=GeluDenseConfig(block_m=64, overlap_epilogue=True))
+    with pytest.raises(ValueError, match="overlap_epilogue needs block_m % 128"):
+        GeluDenseConfig(block_m=64, overlap_epilogue=True)
+    assert "2 reduction steps" in kernel_reason(*inputs(16, 64, 256)[:2], GeluDenseConfig(overlap_epilogue=True))
 
 
 def test_auto_fuses_only_where_it_was_measured_faster(monkeypatch):
