@@ -213,6 +213,8 @@ class UserParams:
 ATTENTION_BACKEND_HELP = ("auto: the fastest exact kernel measured here; or a name (sdjax.kernels.attention.BACKENDS); "
                           "lossy on Hopper: pallas_mgpu_int8 (int8 Q·Kᵀ, ~8%% faster), "
                           "pallas_mgpu_int8_fp8 (+ fp8 P·V, ~14%% faster)")
+RESIDUAL_DTYPE_HELP = ("where the DiT's residual stream is stored (default: in --dtype, as diffusers; float32: as the "
+                       "original Wan code, more accurate, ~1%% slower)")
 
 
 def _cache_params(d: ModelDefaults, cache: dict) -> CacheParams:

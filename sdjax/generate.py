@@ -11,7 +11,7 @@ import secrets
 import sys
 from pathlib import Path
 
-from sdjax.config import ATTENTION_BACKEND_HELP, CACHE_POLICIES
+from sdjax.config import ATTENTION_BACKEND_HELP, CACHE_POLICIES, RESIDUAL_DTYPE_HELP
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,9 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the policy's threshold (default: the model's recommended one for the policy)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="default: float32 for the demo model, bfloat16 otherwise")
-    p.add_argument("--residual-dtype", default=None, choices=["float32", "bfloat16"],
-                   help="where the DiT's residual stream is stored (default: in --dtype, as diffusers; float32: as the "
-                        "original Wan code, more accurate, ~1%% slower)")
+    p.add_argument("--residual-dtype", default=None, choices=["float32", "bfloat16"], help=RESIDUAL_DTYPE_HELP)
     p.add_argument("--attention-backend", default="auto",
                    help=ATTENTION_BACKEND_HELP)
     p.add_argument("--compile-cache-dir", default=None,

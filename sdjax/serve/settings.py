@@ -14,7 +14,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdjax.config import ATTENTION_BACKEND_HELP
+from sdjax.config import ATTENTION_BACKEND_HELP, RESIDUAL_DTYPE_HELP
 
 ROLES = ("both", "api", "worker")
 BACKENDS = ("sqlite", "redis")
@@ -137,9 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=None, help="model dir (or built-in name); default: the embedded demo model")
     g.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                    help="default: float32 for the embedded demo model, bfloat16 otherwise")
-    g.add_argument("--residual-dtype", default=None, choices=("float32", "bfloat16"),
-                   help="where the DiT's residual stream is stored (default: in --dtype, as diffusers; float32: as the "
-                   "original Wan code, more accurate, ~1%% slower)")
+    g.add_argument("--residual-dtype", default=None, choices=("float32", "bfloat16"), help=RESIDUAL_DTYPE_HELP)
     g.add_argument("--attention-backend", default="auto",
                    help=ATTENTION_BACKEND_HELP)
     g.add_argument("--compile-cache-dir", default=None,
