@@ -36,7 +36,7 @@ def ms(fn, *args) -> float:
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--configs", default="128x128x3,128x128x2,64x128x4",
-                   help="block_m x block_n x stages; an o suffix: overlap_epilogue (e.g. 128x128x3o)")
+                   help="block_m x block_n x stages")
     p.add_argument("--cases", default="1.3b-32760,1.3b-65520,14b-32760")
     p.add_argument("--no-forward", action="store_true")
     p.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE",
@@ -44,7 +44,7 @@ def main():
                         "bias + GELU in cuBLASLt's epilogue)")
     args = p.parse_args()
     configs = {c: GeluDenseConfig(block_m=int(c.split("x")[0]), block_n=int(c.split("x")[1]),
-                                  stages=int(c.split("x")[2].rstrip("o")), overlap_epilogue=c.endswith("o"))
+                                  stages=int(c.split("x")[2]))
                for c in args.configs.split(",")}
     rows = []
     for case in args.cases.split(","):

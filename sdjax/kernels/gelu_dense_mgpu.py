@@ -16,10 +16,10 @@ which ran at ~660 TFLOP/s, benchmarks/NOTES.md):
     tiles column pairs fastest, so consecutive tiles reuse x rows.
 The epilogue (bias, GELU as 0.5·y·(1 + tanh u) — one tanh.approx on the MUFU with approx math — bf16, TMA store)
 does not overlap the main loop; the tanh form halved its MUFU work against y·sigmoid(2u) (1.30 → 1.25 ms). On an
-H100 that epilogue keeps the kernel at ~690 TFLOP/s where cuBLAS's GEMM alone reaches ~780 at this K:
-`overlap_epilogue` (two accumulators a warpgroup, `_overlapped`) runs it under the next tile's first wgmmas —
-lowered for CUDA in CI, but Pallas's interpreter cannot run it (no accumulator stores), so it stays off until a GPU
-run has checked and timed it.
+H100 that epilogue keeps the kernel at ~680 TFLOP/s where cuBLAS's GEMM alone reaches ~780 at this K. Running it
+under the next tile's wgmmas with a second accumulator a warpgroup measured slower (2.65 → 3.00 ms at 65,520 tokens:
+two 128 × 128 fp32 accumulators are 256 registers a thread; with 128 × 64 tiles 3.08 — benchmarks/NOTES.md,
+session 12), as did a wgmma left in flight across k-steps (session 11).
 Ragged rows cost nothing: TMA zero-fills reads past the end of x and drops writes past the end of the output.
 
 Checked against float64 in Pallas's GPU interpreter on CPU, clusters and race detection included
@@ -29,7 +29,6 @@ Checked against float64 in Pallas's GPU interpreter on CPU, clusters and race de
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import jax
@@ -50,17 +49,12 @@ class GeluDenseConfig:
     block_k: int = 64  # reduction step (64 bf16 = one 128-byte swizzle row)
     stages: int = 3  # depth of the x / w shared-memory ring (3 and 4 measured within noise; 4 needs a split store)
     clusters: int | None = None  # persistent clusters of 2 CTAs (default: half the device's SM count)
-    # Each compute warpgroup keeps two accumulators and runs a tile's epilogue during the next tile's first two
-    # k-steps (half its rows each), so the tensor cores are not idle while it runs (see `_overlapped`).
-    overlap_epilogue: bool = False
 
     def __post_init__(self):
         if self.block_m % 64 or self.block_n % 64 or self.block_k != 64:
             raise ValueError(f"GeluDenseConfig: block_m, block_n multiples of 64 and block_k = 64, got {self}")
         if self.stages < 2:
             raise ValueError(f"GeluDenseConfig: stages must be >= 2, got {self.stages}")
-        if self.overlap_epilogue and self.block_m % 128:  # the epilogue goes in halves of 64 rows (a wgmma tile)
-            raise ValueError(f"GeluDenseConfig: overlap_epilogue needs block_m % 128 == 0, got {self.block_m}")
         if self.smem_bytes() > SMEM_BYTES:
             raise ValueError(f"GeluDenseConfig: {self} needs {self.smem_bytes()} bytes of shared memory, "
                              f"more than {SMEM_BYTES}")
@@ -79,8 +73,6 @@ def unsupported_reason(x, w, config: GeluDenseConfig = GeluDenseConfig()) -> str
         return f"needs the reduction dim to be a multiple of {config.block_k}, got {K}"
     if N % (2 * config.block_n):
         return f"needs the output dim to be a multiple of {2 * config.block_n} (a cluster's columns), got {N}"
-    if config.overlap_epilogue and K < 2 * config.block_k:
-        return f"with overlap_epilogue needs at least 2 reduction steps ({2 * config.block_k}), got {K}"
     return None
 
 
@@ -104,7 +96,7 @@ def gelu_dense_mgpu(x, w, b, *, config: GeluDenseConfig | None = None):
     M = x2.shape[0]
     if M % 8:  # TMA boxes need whole 8-row tiles
         x2 = jnp.pad(x2, ((0, 8 - M % 8), (0, 0)))
-    out = (_overlapped if config.overlap_epilogue else _gelu_dense)(x2, w, b.astype(jnp.float32), config)
+    out = _gelu_dense(x2, w, b.astype(jnp.float32), config)
     return out[:M].reshape(*lead, w.shape[1])
 
 
@@ -182,105 +174,5 @@ def _gelu_dense(x, w, b, config: GeluDenseConfig):
         pl.run_scoped(scoped, pipeline(unused, unused).get_allocations(x_ref, w_ref),
                       plgpu.SMEM((2, bm, bn), x.dtype, transforms=_SWIZZLED), plgpu.SMEM((2, bn), jnp.float32),
                       plgpu.Barrier(num_barriers=2), collective_axes="wg")
-
-    return _launch(kernel, clusters, x, w, b)
-
-
-def _overlapped(x, w, b, config: GeluDenseConfig):
-    """`_gelu_dense` with each tile's epilogue overlapping the next tile's main loop.
-
-    One warp-specialized pipeline runs all of a cluster's tiles back to back (step s: tile s // k_steps, k-step
-    s % k_steps; tiles c, c + G, c + 2G, … of cluster c, the last ones past the end reading zeros and storing
-    nothing). A compute warpgroup accumulates every tile in one accumulator, always the same (a wgmma in
-    straight-line code stays asynchronous); at a tile's last k-step it moves the sums to a second one and zeroes the
-    first. In the next tile's first two k-steps, right after issuing their wgmma, it finishes the moved sums: bias,
-    GELU and the store of half their rows a step. The last tile's epilogue runs after the pipeline. Tile j's bias
-    goes to shared-memory slot j % 2, which tile j − 2's epilogue has left.
-    """
-    M, K = x.shape
-    N = w.shape[1]
-    bm, bn, bk = config.block_m, config.block_n, config.block_k
-    m_tiles, n_pairs = pl.cdiv(M, 2 * bm), N // (2 * bn)
-    tiles = m_tiles * n_pairs
-    k_steps = K // bk
-    clusters = min(config.clusters or _num_sms() // 2, tiles)
-    per_cluster = pl.cdiv(tiles, clusters)
-    half = bm // 2
-
-    def kernel(x_ref, w_ref, b_ref, o_ref):
-        c, cta = lax.axis_index("cluster_grid"), lax.axis_index("cluster")
-        tile_of = lambda s: c + (s // k_steps) * clusters
-        col_block = lambda t: 2 * lax.rem(t, n_pairs) + cta  # column pairs fastest: x rows reused
-
-        def pipeline(body, context):
-            return plgpu.emit_pipeline_warp_specialized(
-                body, grid=(per_cluster * k_steps,), memory_registers=40, max_concurrent_steps=config.stages,
-                wg_axis="wg", num_compute_wgs=2, compute_context=context,
-                in_specs=[plgpu.BlockSpec((2 * bm, bk), lambda s: (tile_of(s) // n_pairs, lax.rem(s, k_steps)),
-                                          transforms=_SWIZZLED, memory_space=plgpu.SMEM, collective_axes=("cluster",)),
-                          plgpu.BlockSpec((bk, bn), lambda s: (lax.rem(s, k_steps), col_block(tile_of(s))),
-                                          transforms=_SWIZZLED, memory_space=plgpu.SMEM)])
-
-        def scoped(ring, o_smem, b_smem, b_ready):
-            wg = lax.axis_index("wg")
-
-            def fetch_bias(t, slot):
-                plgpu.copy_gmem_to_smem(b_ref.at[pl.ds(col_block(t) * bn, bn)], b_smem.at[slot, wg],
-                                        b_ready.at[slot, wg])
-
-            def finish(acc_ref, t, slot, piece):
-                """Bias, GELU and store of rows piece·half.. of this warpgroup's part of tile t (its sums done)."""
-                if piece == 0:
-                    plgpu.barrier_wait(b_ready.at[slot, wg])
-                rows = slice(piece * half, (piece + 1) * half)
-                acc = plgpu.wgmma_accumulator_load(acc_ref, wait_n=None)[rows]  # tile t's wgmmas have completed
-                bias = plgpu.load(b_smem.at[slot, wg], layout=_COL)
-                y = gelu_tanh(acc + lax.broadcast_in_dim(bias, acc.shape, [1]))
-                plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the store before last read these rows
-                o_smem.at[wg, pl.ds(piece * half, half)][...] = y.astype(o_ref.dtype)
-                plgpu.commit_smem()
-                m0 = (t // n_pairs) * 2 * bm + wg * bm + piece * half
-                plgpu.copy_smem_to_gmem(o_smem.at[wg, pl.ds(piece * half, half)],
-                                        o_ref.at[pl.ds(m0, half), pl.ds(col_block(t) * bn, bn)])
-
-            def step(idx, x_smem, w_smem, accs):
-                acc, done = accs  # tile j's running sums; tile j − 1's finished ones
-                (s,) = idx
-                j, k = s // k_steps, lax.rem(s, k_steps)
-                t = tile_of(s)
-
-                @pl.when(k == 0)
-                def _():
-                    fetch_bias(t, lax.rem(j, 2))
-
-                plgpu.wgmma(acc, x_smem.at[pl.ds(wg * bm, bm)], w_smem)  # straight-line: ptxas keeps it async
-                for piece in (0, 1):  # half of the last tile's rows a step, while this wgmma runs
-                    pl.when(jnp.logical_and(k == piece, j > 0))(
-                        functools.partial(finish, done, t - clusters, lax.rem(j + 1, 2), piece))
-                plgpu.wgmma_wait(0)  # the slot goes back to the copy warpgroup when this returns
-
-                @pl.when(k == k_steps - 1)
-                def _():  # tile j is summed: it becomes the one to finish, a zeroed accumulator takes tile j + 1
-                    done[...] = plgpu.wgmma_accumulator_load(acc, wait_n=None)
-                    acc[...] = jnp.zeros(acc.shape, jnp.float32)
-
-                return accs
-
-            def context(main_loop):
-                def run(acc, done):
-                    main_loop((acc, done))
-                    last = per_cluster - 1
-                    for piece in (0, 1):
-                        finish(done, c + last * clusters, last % 2, piece)
-
-                pl.run_scoped(run, plgpu.ACC((bm, bn), jnp.float32), plgpu.ACC((bm, bn), jnp.float32))
-
-            pipeline(step, context)(x_ref, w_ref, allocations=ring)
-            plgpu.wait_smem_to_gmem(0)
-
-        unused = lambda *_, **__: None  # the allocations do not depend on the bodies
-        pl.run_scoped(scoped, pipeline(unused, unused).get_allocations(x_ref, w_ref),
-                      plgpu.SMEM((2, bm, bn), x.dtype, transforms=_SWIZZLED), plgpu.SMEM((2, 2, bn), jnp.float32),
-                      plgpu.Barrier(num_barriers=(2, 2)), collective_axes="wg")
 
     return _launch(kernel, clusters, x, w, b)

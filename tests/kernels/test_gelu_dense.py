@@ -88,21 +88,6 @@ def test_kernel_lowers_for_cuda_at_wan_shapes():
     assert "mosaic_gpu" in module
 
 
-@pytest.mark.parametrize("M, clusters", [(32760, None), (65520, None), (600, 2)])  # 600: a ragged last tile
-def test_overlapped_epilogue_lowers_for_cuda(M, clusters):
-    """The two-accumulator variant (its epilogue under the next tile's wgmmas) lowers for CUDA at Wan's fc1 shapes
-    and with phantom tiles past the end; Pallas's interpreter has no accumulator stores, so a GPU run checks its
-    numbers (benchmarks/ffn.py, against XLA)."""
-    K, N = (1536, 8960) if M > 1000 else (256, 1024)
-    config = GeluDenseConfig(overlap_epilogue=True, clusters=clusters)
-    args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((M, K), (K, N), (N,))]
-    fn = jax.jit(lambda x, w, b: gelu_dense_mgpu(x, w, b, config=config))
-    assert "mosaic_gpu" in jax.export.export(fn, platforms=["cuda"])(*args).mlir_module()
-    with pytest.raises(ValueError, match="overlap_epilogue needs block_m % 128"):
-        GeluDenseConfig(block_m=64, overlap_epilogue=True)
-    assert "2 reduction steps" in kernel_reason(*inputs(16, 64, 256)[:2], GeluDenseConfig(overlap_epilogue=True))
-
-
 def test_auto_fuses_only_where_it_was_measured_faster(monkeypatch):
     """`auto` picks the fused kernel for Wan-1.3B's fc1 (K = 1,536) but keeps cuBLAS + XLA for 14B's (5,120)."""
     import sdjax.kernels.dense as dense
