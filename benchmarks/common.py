@@ -163,6 +163,18 @@ def use_xla_ffn(on: bool) -> None:
         backend, x, w)
 
 
+def use_xla_residual_norm(on: bool) -> None:
+    """Benchmark A/B: a block's residual adds + LayerNorms through XLA in this process (`auto` does not pick our
+    kernel)."""
+    if not on:
+        return
+    from sdjax.kernels import residual_norm
+
+    reason = residual_norm.unsupported_reason
+    residual_norm.unsupported_reason = lambda backend, x, y: ("off for this A/B" if backend == "pallas_triton"
+                                                              else reason(backend, x, y))
+
+
 def parse_xla_options(texts) -> dict | None:
     """["name=value", ...] -> XLA compiler options for `.compile(compiler_options=...)` (None for none)."""
     def value(v):

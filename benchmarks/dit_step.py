@@ -33,6 +33,7 @@ from benchmarks.common import (
     use_long_kv_variant,
     use_xla_ffn,
     use_xla_norm,
+    use_xla_residual_norm,
     write_results,
 )
 from sdjax.config import ModelConfig
@@ -123,6 +124,8 @@ def main():
                    help="A/B: an XLA compiler option for the forward's jit (repeatable)")
     p.add_argument("--xla-norm", action="store_true", help="A/B: q/k RMSNorm + RoPE through XLA, not our kernel")
     p.add_argument("--xla-ffn", action="store_true", help="A/B: fc1 + bias + GELU through XLA, not our fused GEMM")
+    p.add_argument("--xla-residual-norm", action="store_true",
+                   help="A/B: a block's residual adds + LayerNorms through XLA, not our one-pass kernel")
     p.add_argument("--text-len", type=int, default=TEXT_LEN, help="text tokens of the context (Wan pads to 512; "
                    "shorter: what a forward would cost with the padding folded away)")
     p.add_argument("--fold-text", type=int, metavar="TOKENS", help="a prompt of this many tokens, its zero padding "
@@ -135,6 +138,7 @@ def main():
     use_xla_norm(args.xla_norm)
     use_key_bias_backend(args.key_bias_backend)
     use_xla_ffn(args.xla_ffn)
+    use_xla_residual_norm(args.xla_residual_norm)
     options = parse_xla_options(args.xla_option)
     rows = []
     for case in args.cases.split(","):

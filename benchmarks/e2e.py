@@ -23,6 +23,7 @@ from benchmarks.common import (
     use_key_bias_backend,
     use_long_kv_variant,
     use_xla_norm,
+    use_xla_residual_norm,
     write_results,
 )
 from sdjax import pipeline as pipeline_module
@@ -88,6 +89,8 @@ def main():
                    "(benchmarks/attention.py syntax, e.g. mgpu:64,192,2,0,1)")
     p.add_argument("--xla-norm", action="store_true", help="A/B: q/k RMSNorm + RoPE through XLA, not our kernel")
     p.add_argument("--key-bias-backend", help="A/B: the attention backend of calls with a key_bias (folded text)")
+    p.add_argument("--xla-residual-norm", action="store_true",
+                   help="A/B: a block's residual adds + LayerNorms through XLA, not our one-pass kernel")
     p.add_argument("--no-text-fold", action="store_true",
                    help="A/B: the cross-attention on the whole padded text (pipeline.TEXT_FOLD_ROWS = 0)")
     p.add_argument("--warmup", choices=("service", "runs"), default="service",
@@ -100,6 +103,7 @@ def main():
     use_long_kv_variant(args.long_kv_variant)
     use_xla_norm(args.xla_norm)
     use_key_bias_backend(args.key_bias_backend)
+    use_xla_residual_norm(args.xla_residual_norm)
     t0 = time.perf_counter()
     pipe = build(args.model, args.backend, args.residual_dtype)
     build_s = time.perf_counter() - t0

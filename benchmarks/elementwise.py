@@ -23,7 +23,8 @@ import numpy as np
 
 from benchmarks.common import timed, write_results
 from sdjax.kernels.norm import apply_rope, rms_norm_rope
-from sdjax.models.wan.transformer import layer_norm, rope_angles
+from sdjax.kernels.residual_norm import layer_norm
+from sdjax.models.wan.transformer import rope_angles
 
 L, D, N, K, F = 32760, 1536, 12, 128, 8960
 

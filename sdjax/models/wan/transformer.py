@@ -26,6 +26,7 @@ from flax import nnx
 from sdjax.kernels.attention import LOSSY_BACKENDS, attention
 from sdjax.kernels.dense import gelu_dense
 from sdjax.kernels.norm import rms_norm_rope
+from sdjax.kernels.residual_norm import layer_norm, residual_norm
 from sdjax.numerics import matmul_precision
 
 # ------------------------------------------------------------------------------------------ config
@@ -126,24 +127,13 @@ def _matmul(x, linear: nnx.Linear):
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def layer_norm(x, eps):
-    """LayerNorm without affine parameters, in fp32."""
-    x = x.astype(jnp.float32)
-    mean = x.mean(-1, keepdims=True)
-    var = jnp.square(x - mean).mean(-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + eps)
-
-
 class LayerNorm(nnx.Module):
-    """Affine LayerNorm (the cross-attention norm `norm2`), computed in fp32."""
+    """An affine LayerNorm's parameters (the cross-attention norm `norm2`): `residual_norm` applies them in the
+    pass that adds the self-attention's output to the stream."""
 
-    def __init__(self, dim, eps):
-        self.eps = eps
+    def __init__(self, dim):
         self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
         self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
-
-    def __call__(self, x):
-        return layer_norm(x, self.eps) * self.weight[...] + self.bias[...]
 
 
 class RMSNorm(nnx.Module):
@@ -307,7 +297,9 @@ class Attention(nnx.Module):
         self.norm_k = RMSNorm(d, cfg.eps, fused_backend)
 
     def __call__(self, x, context=None, rope=None, attend=None, key_bias=None):
-        """`attend(q, k, v)` replaces the attention kernel call (sequence parallelism injects its own); `key_bias`
+        """-> (the output projection without its bias, the bias): the residual pass adds the bias (`residual_norm`).
+
+        `attend(q, k, v)` replaces the attention kernel call (sequence parallelism injects its own); `key_bias`
         (B, S) is added to the logits of the context's keys (folded text padding, `FoldedText`)."""
         src = x if context is None else context
         # The biases join inside the norms' pass; RoPE (self-attention) too.
@@ -320,7 +312,7 @@ class Attention(nnx.Module):
         heads = lambda t: t.reshape(*t.shape[:2], self.heads, -1)  # (B, T, D) -> (B, T, N, K)
         q, k, v = heads(q), heads(k), heads(v)
         out = attention(q, k, v, key_bias=key_bias, backend=self.backend) if attend is None else attend(q, k, v)
-        return _matmul(out.reshape(*out.shape[:2], -1), self.to_out) + out_bias
+        return _matmul(out.reshape(*out.shape[:2], -1), self.to_out), out_bias
 
 
 class FeedForward(nnx.Module):
@@ -344,8 +336,9 @@ class WanBlock(nnx.Module):
     def __init__(self, cfg: WanTransformerConfig, dtype, attention_backend: str, rngs, fused_backend: str = "auto"):
         self.eps = cfg.eps
         self.dtype = dtype
+        self.residual_backend = "xla" if fused_backend == "xla" else "auto"
         self.attn1 = Attention(cfg, dtype, attention_backend, rngs, fused_backend)
-        self.norm2 = LayerNorm(cfg.dim, cfg.eps)
+        self.norm2 = LayerNorm(cfg.dim)
         # A lossy kernel is a speed choice for the long self-attention; the cross-attention to 512 text keys
         # gains nothing from it (measured slower, benchmarks/NOTES.md) and stays exact.
         cross_backend = "auto" if attention_backend in LOSSY_BACKENDS else attention_backend
@@ -360,29 +353,32 @@ class WanBlock(nnx.Module):
 
         `attend` is the self-attention kernel when the tokens are split over devices (cross-attention to the
         whole text needs no communication and keeps the plain kernel)."""
-        return self.text_and_ffn(self.self_attention(x, e0, rope, attend), e0, text)
+        return self.text_and_ffn(*self.self_attention(x, e0, rope, attend), e0, text)
 
     def self_attention(self, x, e0, rope, attend=None):
-        """The first half: x + gate1 · attn1(modulated LayerNorm(x)). It does not see the text."""
+        """The first half: x + gate1 · attn1(modulated LayerNorm(x)), and norm2 of that (the cross-attention's
+        input), from one pass over the stream. It does not see the text."""
         shift1, scale1, gate1 = self._modulation(e0, 0)
         u = (layer_norm(x, self.eps) * (1 + scale1) + shift1).astype(self.dtype)
-        return _residual_add(x, self.attn1(u, rope=rope, attend=attend), gate1)
+        y, y_bias = self.attn1(u, rope=rope, attend=attend)
+        return residual_norm(x, y, y_bias, gate1[:, 0], self.norm2.weight[...], self.norm2.bias[...], eps=self.eps,
+                             backend=self.residual_backend)
 
-    def text_and_ffn(self, x, e0, text):
-        """The second half: cross-attention to the text, then the modulated, gated FFN."""
+    def text_and_ffn(self, x, u, e0, text):
+        """The second half: cross-attention to the text (u = norm2(x)), then the modulated, gated FFN."""
         shift2, scale2, gate2 = self._modulation(e0, 3)
-        u = self.norm2(x).astype(self.dtype)
         states, key_bias = text
-        x = _residual_add(x, self.attn2(u, context=states, key_bias=key_bias))
-        u = (layer_norm(x, self.eps) * (1 + scale2) + shift2).astype(self.dtype)
+        y, y_bias = self.attn2(u, context=states, key_bias=key_bias)
+        x, u = residual_norm(x, y, y_bias, None, 1 + scale2[:, 0], shift2[:, 0], eps=self.eps,
+                             backend=self.residual_backend)
         return _residual_add(x, self.ffn(u), gate2)
 
     def cfg_first(self, x, e0, text, rope, attend=None):
         """This block on a CFG batch [conditional; unconditional] of one latent at one timestep: both halves of x
         and e0 are equal until the text enters, so the self-attention half runs once, on the first, for both."""
         B = x.shape[0] // 2
-        h = self.self_attention(x[:B], e0[:B], rope, attend)
-        return self.text_and_ffn(jnp.concatenate([h, h]), e0, text)
+        h, u = self.self_attention(x[:B], e0[:B], rope, attend)
+        return self.text_and_ffn(jnp.concatenate([h, h]), jnp.concatenate([u, u]), e0, text)
 
     def _modulation(self, e0, first: int):
         """(shift, scale, gate) of a half: rows first..first+2 of table + e0, each (B, 1, D)."""

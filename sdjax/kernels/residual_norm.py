@@ -1,0 +1,134 @@
+"""A block output joins the residual stream, and the next sublayer's LayerNorm reads it: one entry point for both.
+
+    x′ = x + gate · (y + y_bias)              stored in x's dtype (the residual stream's)
+    u  = LayerNorm(x′) · scale + shift        in y's dtype (the next projection's input)
+
+y is a projection's output without its bias; `gate` (B, D) or None (= 1); `scale`, `shift` (B, D) or (D,): an
+affine LayerNorm's weight and bias, or a modulated one's (1 + scale) and shift. LayerNorm is in fp32, two-pass
+(mean, then the mean square of x′ − mean), on x′ as stored.
+
+| backend         | platform       | what                                                                       |
+|-----------------|----------------|----------------------------------------------------------------------------|
+| `xla`           | any            | jnp. XLA does not store x′ between the norms of a Wan block: its fusions  |
+|                 |                | recompute it from the block's outputs, reading them again at each norm     |
+| `pallas_triton` | GPUs           | ours, below: each program reads R rows of x and y once and writes x′ and u |
+| `auto`          |                | `pallas_triton` on GPUs, else `xla`                                        |
+
+Why: in a Wan-1.3B CFG step on an H100, XLA's four element-wise passes of a block move 2.8 GB at 1.76-3.1 TB/s
+(benchmarks/NOTES.md, session 12); two of them are these. Measured there, device time, B=2 × 32,760 tokens
+(benchmarks/results/residual_norm_s12_*_NVIDIA_H100_80GB_HBM3.md): Wan-1.3B 0.449 → 0.278 ms after the
+self-attention and 0.427 → 0.278 after the cross-attention (2.9 TB/s; programs of 2 tokens on one warp beat 4-8
+tokens on 2-8 warps), Wan-14B 1.62 → 1.19 and 1.48 → 1.20 (2 tokens, 8 warps); the 1.3B CFG step 878.3 → 872.6 ms.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+BACKENDS = ("auto", "xla", "pallas_triton")
+ROWS = (2, 1)  # tokens of a program: the largest that divides the token count (2 measured fastest)
+
+
+def layer_norm(x, eps):
+    """LayerNorm without affine parameters, in fp32 (two-pass)."""
+    x = x.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
+def _xla(x, y, y_bias, gate, scale, shift, eps):
+    delta = y.astype(jnp.float32) + y_bias.astype(jnp.float32)
+    if gate is not None:
+        delta = delta * gate[:, None]
+    x_new = (x.astype(jnp.float32) + delta).astype(x.dtype)
+    u = layer_norm(x_new, eps) * scale[:, None] + shift[:, None]
+    return x_new, u.astype(y.dtype)
+
+
+def _chunks(D: int) -> tuple[int, int]:
+    """D = C · W with W the largest power of two <= 1,024 that divides D (Triton's arrays are powers of two)."""
+    W = 1024
+    while D % W:
+        W //= 2
+    return D // W, W
+
+
+def unsupported_reason(backend: str, x, y) -> str | None:
+    """Why `backend` can't run on these inputs here (None if it can)."""
+    if backend == "xla":
+        return None
+    if backend == "pallas_triton":
+        if jax.devices()[0].platform != "gpu":
+            return f"needs a GPU, got {jax.devices()[0].device_kind}"
+        if _chunks(x.shape[-1])[1] < 64:
+            return f"needs the model dim to be a multiple of 64, got {x.shape[-1]}"
+        return None
+    raise ValueError(f"residual_norm backend {backend!r} unknown; allowed: {', '.join(BACKENDS)}")
+
+
+def residual_norm(x, y, y_bias, gate, scale, shift, *, eps: float, backend: str = "auto"):
+    """(x′, u) as in the module docstring. x, y (B, L, D); y_bias (D,); gate (B, D) or None; scale, shift (B, D)
+    or (D,)."""
+    B, L, D = x.shape
+    if y.shape != x.shape or y_bias.shape != (D,) or (gate is not None and gate.shape != (B, D)):
+        raise ValueError(f"residual_norm: x{x.shape}, y{y.shape}, y_bias{y_bias.shape} and gate "
+                         f"{None if gate is None else gate.shape} disagree")
+    scale, shift = (jnp.broadcast_to(v.astype(jnp.float32), (B, D)) for v in (scale, shift))
+    if backend == "auto":
+        backend = "pallas_triton" if unsupported_reason("pallas_triton", x, y) is None else "xla"
+    elif (reason := unsupported_reason(backend, x, y)) is not None:
+        raise ValueError(f"residual_norm backend {backend!r} {reason}")
+    if backend == "xla":
+        return _xla(x, y, y_bias, gate, scale, shift, eps)
+    return residual_norm_pallas(x, y, y_bias, gate, scale, shift, eps=eps)
+
+
+def residual_norm_pallas(x, y, y_bias, gate, scale, shift, *, eps: float, rows: int | None = None,
+                         num_warps: int | None = None, interpret: bool = False):
+    """The Pallas kernel (Triton on GPUs; `interpret=True` runs it anywhere, for tests). Arguments as
+    `residual_norm`'s, scale and shift (B, D); `rows` tokens a program (a divisor of L; default: the largest of
+    ROWS that divides it) and `num_warps` (default: 1, 8 above 2,048 dims; measured) are for benchmarks."""
+    B, L, D = x.shape
+    C, W = _chunks(D)
+    R = rows or next(r for r in ROWS if L % r == 0)
+    if L % R:
+        raise ValueError(f"residual_norm_pallas: rows={R} must divide the token count {L}")
+    gate = jnp.ones((B, D), jnp.float32) if gate is None else gate.astype(jnp.float32)
+    by_rows = lambda a: a.reshape(B, L, C, W)  # free: D split into C chunks of W
+    per_batch = lambda a: a.reshape(B, C, W)
+    row_spec = pl.BlockSpec((None, R, C, W), lambda b, i: (b, i, 0, 0))
+    batch_spec = pl.BlockSpec((None, C, W), lambda b, i: (b, 0, 0))
+    x_new, u = pl.pallas_call(
+        functools.partial(_kernel, eps=eps, C=C),
+        out_shape=(jax.ShapeDtypeStruct((B, L, C, W), x.dtype), jax.ShapeDtypeStruct((B, L, C, W), y.dtype)),
+        grid=(B, L // R),
+        in_specs=[row_spec, row_spec, pl.BlockSpec((C, W), lambda b, i: (0, 0)), batch_spec, batch_spec,
+                  batch_spec],
+        out_specs=(row_spec, row_spec),
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps or (1 if D <= 2048 else 8), num_stages=1),
+        interpret=interpret,
+    )(by_rows(x), by_rows(y), y_bias.astype(jnp.float32).reshape(C, W), per_batch(gate), per_batch(scale),
+      per_batch(shift))
+    return x_new.reshape(B, L, D), u.reshape(B, L, D)
+
+
+def _kernel(x_ref, y_ref, bias_ref, gate_ref, scale_ref, shift_ref, x_out, u_out, *, eps: float, C: int):
+    """R tokens: refs (R, C, W) for the rows, (C, W) for the vectors. Every array op is on one (R, W) chunk."""
+    parts = []
+    for c in range(C):
+        delta = (y_ref[:, c, :].astype(jnp.float32) + bias_ref[c, :][None]) * gate_ref[c, :][None]
+        x_new = (x_ref[:, c, :].astype(jnp.float32) + delta).astype(x_out.dtype)
+        x_out[:, c, :] = x_new
+        parts.append(x_new.astype(jnp.float32))  # the norm sees the stream as stored
+    D = C * parts[0].shape[-1]
+    mean = sum(p.sum(-1) for p in parts)[:, None] / D
+    var = sum(jnp.square(p - mean).sum(-1) for p in parts)[:, None] / D
+    rstd = jax.lax.rsqrt(var + eps)
+    for c, p in enumerate(parts):
+        u_out[:, c, :] = ((p - mean) * rstd * scale_ref[c, :][None] + shift_ref[c, :][None]).astype(u_out.dtype)

@@ -1,0 +1,95 @@
+"""residual_norm: the stream update and the next LayerNorm in one pass, against a float64 reference.
+
+The Pallas kernel runs in interpret mode here (its Triton lowering needs a GPU: benchmarks/residual_norm.py checks
+it there against XLA)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sdjax.kernels.residual_norm import residual_norm, residual_norm_pallas
+
+EPS = 1e-6
+
+
+def inputs(B, L, D, x_dtype=jnp.bfloat16, gate=True, per_batch=True, seed=0):
+    ks = jax.random.split(jax.random.key(seed), 6)
+    x = (4 * jax.random.normal(ks[0], (B, L, D)) + 1.5).astype(x_dtype)  # an offset: the mean matters
+    y = jax.random.normal(ks[1], (B, L, D)).astype(jnp.bfloat16)
+    y_bias = (0.2 * jax.random.normal(ks[2], (D,))).astype(jnp.bfloat16)
+    g = jax.random.normal(ks[3], (B, D)) if gate else None
+    shape = (B, D) if per_batch else (D,)
+    return x, y, y_bias, g, 1 + 0.3 * jax.random.normal(ks[4], shape), 0.3 * jax.random.normal(ks[5], shape)
+
+
+def reference(x, y, y_bias, gate, scale, shift):
+    """float64, with x′ rounded to the stream's dtype before the norm reads it (as the model stores it)."""
+    f = lambda a: np.asarray(a, np.float64)
+    B, _, D = x.shape
+    delta = f(y) + f(y_bias)
+    if gate is not None:
+        delta = delta * f(gate)[:, None]
+    x_new = f(jnp.asarray(f(x) + delta, jnp.float32).astype(x.dtype))
+    mean = x_new.mean(-1, keepdims=True)
+    normed = (x_new - mean) / np.sqrt(((x_new - mean) ** 2).mean(-1, keepdims=True) + EPS)
+    scale, shift = (np.broadcast_to(f(v), (B, D))[:, None] for v in (scale, shift))
+    return x_new, normed * scale + shift
+
+
+def check(out, x, y, y_bias, gate, scale, shift):
+    x_new, u = out
+    ref_x, ref_u = reference(x, y, y_bias, gate, scale, shift)
+    assert x_new.dtype == x.dtype and u.dtype == y.dtype and x_new.shape == u.shape == x.shape
+    # x′: one rounding of an fp32 sum, so within one ulp of the stream's dtype
+    ulp = 2.0 ** -7 if x.dtype == jnp.bfloat16 else 2.0 ** -22
+    np.testing.assert_allclose(np.asarray(x_new, np.float64), ref_x, rtol=ulp, atol=1e-6)
+    # u: bf16 output of fp32 math
+    u = np.asarray(u, np.float64)
+    assert np.abs(u - ref_u).max() <= 2.0 ** -7 * np.abs(ref_u).max()
+    assert np.linalg.norm(u - ref_u) / np.linalg.norm(ref_u) < 3e-3
+
+
+@pytest.mark.parametrize("B, L, D, x_dtype, gate, per_batch", [
+    (2, 24, 1536, jnp.bfloat16, True, False),   # Wan-1.3B: 3 chunks of 512; the self-attention site (norm2)
+    (2, 24, 1536, jnp.bfloat16, False, True),   # the cross-attention site (the FFN's modulated norm)
+    (1, 6, 5120, jnp.bfloat16, True, True),     # Wan-14B: 5 chunks of 1,024; 6 tokens: 2-token programs
+    (2, 7, 192, jnp.float32, True, True),       # an fp32 stream; 7 tokens: 1-token programs; 3 chunks of 64
+])
+def test_kernel_matches_float64(B, L, D, x_dtype, gate, per_batch):
+    args = inputs(B, L, D, x_dtype, gate, per_batch)
+    check(residual_norm_pallas(*args[:4], *(jnp.broadcast_to(v, (B, D)) for v in args[4:]), eps=EPS,
+                               interpret=True), *args)
+
+
+@pytest.mark.parametrize("gate, per_batch", [(True, False), (False, True)])
+def test_xla_and_auto_match_float64(gate, per_batch):
+    args = inputs(2, 16, 256, gate=gate, per_batch=per_batch, seed=1)
+    check(residual_norm(*args, eps=EPS, backend="xla"), *args)
+    check(residual_norm(*args, eps=EPS), *args)  # auto: xla on this CPU
+
+
+def test_kernel_and_xla_agree_to_rounding():
+    """Same math, other summation order: x′ bit-identical, u off by at most one bf16 rounding here and there."""
+    args = inputs(2, 40, 1536, seed=2)
+    B, D = 2, 1536
+    k_x, k_u = residual_norm_pallas(*args[:4], *(jnp.broadcast_to(v, (B, D)) for v in args[4:]), eps=EPS,
+                                    interpret=True)
+    x_x, x_u = residual_norm(*args, eps=EPS, backend="xla")
+    np.testing.assert_array_equal(np.asarray(k_x, np.float32), np.asarray(x_x, np.float32))
+    diff = np.asarray(k_u, np.float32) != np.asarray(x_u, np.float32)
+    assert diff.mean() < 1e-3
+
+
+def test_bad_inputs_are_named():
+    x, y, y_bias, gate, scale, shift = inputs(2, 8, 128)
+    with pytest.raises(ValueError, match="residual_norm: .*disagree"):
+        residual_norm(x, y[:, :4], y_bias, gate, scale, shift, eps=EPS)
+    with pytest.raises(ValueError, match="residual_norm: .*disagree"):
+        residual_norm(x, y, y_bias, gate[:1], scale, shift, eps=EPS)
+    with pytest.raises(ValueError, match="unknown; allowed: auto, xla, pallas_triton"):
+        residual_norm(x, y, y_bias, gate, scale, shift, eps=EPS, backend="cuda")
+    with pytest.raises(ValueError, match="pallas_triton.*needs a GPU"):
+        residual_norm(x, y, y_bias, gate, scale, shift, eps=EPS, backend="pallas_triton")
