@@ -12,13 +12,14 @@ affine LayerNorm's weight and bias, or a modulated one's (1 + scale) and shift. 
 | `xla`           | any            | jnp. XLA does not store x′ between the norms of a Wan block: its fusions  |
 |                 |                | recompute it from the block's outputs, reading them again at each norm     |
 | `pallas_triton` | GPUs           | ours, below: each program reads R rows of x and y once and writes x′ and u |
-| `auto`          |                | `pallas_triton` on GPUs, else `xla`                                        |
+| `auto`          |                | `pallas_triton` on GPUs up to `KERNEL_MAX_DIM` model dims, else `xla`     |
 
 Why: in a Wan-1.3B CFG step on an H100, XLA's four element-wise passes of a block move 2.8 GB at 1.76-3.1 TB/s
 (benchmarks/NOTES.md, session 12); two of them are these. Measured there, device time, B=2 × 32,760 tokens
 (benchmarks/results/residual_norm_s12_*_NVIDIA_H100_80GB_HBM3.md): Wan-1.3B 0.449 → 0.278 ms after the
 self-attention and 0.427 → 0.278 after the cross-attention (2.9 TB/s; programs of 2 tokens on one warp beat 4-8
 tokens on 2-8 warps), Wan-14B 1.62 → 1.19 and 1.48 → 1.20 (2 tokens, 8 warps); the 1.3B CFG step 878.3 → 872.6 ms.
+Inside the 14B forward (B=1) it gains nothing (2,470 vs 2,464 ms): `auto` keeps XLA above `KERNEL_MAX_DIM`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from jax.experimental.pallas import triton as pltriton
 
 BACKENDS = ("auto", "xla", "pallas_triton")
 ROWS = (2, 1)  # tokens of a program: the largest that divides the token count (2 measured fastest)
+KERNEL_MAX_DIM = 2048  # measured in the forward: faster at 1,536 model dims, not at 5,120
 
 
 def layer_norm(x, eps):
@@ -81,7 +83,8 @@ def residual_norm(x, y, y_bias, gate, scale, shift, *, eps: float, backend: str 
                          f"{None if gate is None else gate.shape} disagree")
     scale, shift = (jnp.broadcast_to(v.astype(jnp.float32), (B, D)) for v in (scale, shift))
     if backend == "auto":
-        backend = "pallas_triton" if unsupported_reason("pallas_triton", x, y) is None else "xla"
+        fits = D <= KERNEL_MAX_DIM and unsupported_reason("pallas_triton", x, y) is None
+        backend = "pallas_triton" if fits else "xla"
     elif (reason := unsupported_reason(backend, x, y)) is not None:
         raise ValueError(f"residual_norm backend {backend!r} {reason}")
     if backend == "xla":

@@ -93,3 +93,17 @@ def test_bad_inputs_are_named():
         residual_norm(x, y, y_bias, gate, scale, shift, eps=EPS, backend="cuda")
     with pytest.raises(ValueError, match="pallas_triton.*needs a GPU"):
         residual_norm(x, y, y_bias, gate, scale, shift, eps=EPS, backend="pallas_triton")
+
+
+def test_auto_takes_the_kernel_only_where_it_was_measured_faster(monkeypatch):
+    """On a GPU `auto` runs the kernel at Wan-1.3B's 1,536 dims but keeps XLA at 14B's 5,120 (no gain in the
+    forward there)."""
+    import sdjax.kernels.residual_norm as rn
+
+    used = []
+    monkeypatch.setattr(rn, "unsupported_reason", lambda backend, x, y: None)  # as on a GPU
+    monkeypatch.setattr(rn, "residual_norm_pallas", lambda x, *args, **kw: used.append(x.shape[-1]) or rn._xla(
+        x, *args, kw["eps"]))
+    for D in (1536, 5120):
+        residual_norm(*inputs(1, 2, D), eps=EPS)
+    assert used == [1536]
