@@ -1,10 +1,12 @@
 """Where a Wan generation spends its GPU time: kernels grouped by kind, from a profiler trace.
 
     python benchmarks/profile_step.py [--target forward|step|decode] [--model wan2.1-t2v-1.3b] [--res 480p]
-                                      [--batch 1] [--backend auto]
+                                      [--batch 1] [--backend auto] [--cache static:2 --step-index 5]
 
 Targets: `forward` (the DiT alone), `step` (one denoising step as the pipeline runs it: CFG batch of 2·batch,
-UniPC update, the jitted `loop.denoise_step`), `decode` (the VAE decode to frames, as the pipeline runs it).
+UniPC update, the jitted `loop.denoise_step`; with `--cache policy:threshold` through that feature cache at step
+`--step-index` of 50 — `static:2 --step-index 5` is a step the cache skips, 4 one it computes), `decode` (the VAE
+decode to frames, as the pipeline runs it).
 Traces a few calls (bf16, random weights) with `jax.profiler`, reads the Perfetto trace it writes, and sums
 device time per kernel: attention (our Pallas kernel or cuDNN), GEMMs (cuBLAS / cuBLASLt), convolutions,
 XLA fusions (element-wise and reductions: norms, modulation, RoPE, GELU, residuals) and the rest. Also times
@@ -35,6 +37,7 @@ from sdjax.models.wan.loading import abstract_transformer
 from sdjax.models.wan.transformer import WanTransformerConfig
 from sdjax.models.wan.vae import AutoencoderKLWan, WanVAEConfig
 from sdjax.pipeline import jit_decode_frames
+from sdjax.sampling import cache as cache_lib
 from sdjax.sampling import loop, solvers
 
 KINDS = (  # first match wins; kernel names as the profiler reports them
@@ -65,9 +68,10 @@ def device_kernels(trace_dir: Path) -> list[tuple[str, float]]:
 
 
 def build(target: str, model_name: str, res: str, batch: int, backend: str, fold_text: int | None = None,
-          fused_backend: str = "auto", residual_dtype: str | None = None):
+          fused_backend: str = "auto", residual_dtype: str | None = None, cache: str = "none:0", step_index: int = 10):
     """(callable, its args, a one-line description) for the target; forward and decode come compiled.
-    `fold_text`: the prompt has this many tokens (the negative prompt one), zero padding folded like the pipeline."""
+    `fold_text`: the prompt has this many tokens (the negative prompt one), zero padding folded like the pipeline.
+    `cache` ("policy:threshold") and `step_index` (of 50): the step target's feature cache and step."""
     mcfg = ModelConfig.named(model_name)
     h, w = RES[res]
     key = jax.random.key(1)
@@ -90,11 +94,15 @@ def build(target: str, model_name: str, res: str, batch: int, backend: str, fold
         args = (dit, x, jnp.full((batch,), 500.0), cond)
         return jax.jit(lambda m, x, t, c: m(x, t, c)).lower(*args).compile(), args, f"DiT forward, B={batch}"
     schedule = jax.tree.map(jnp.asarray, solvers.make_schedule("unipc", 50, 3.0).padded(100))
-    state = loop.init_state("unipc", x)
+    policy, _, threshold = cache.partition(":")
+    plan = cache_lib.make_plan(policy, float(threshold or 0), 50, 100, model_config=cfg)
+    plan = None if plan is None else jax.tree.map(jnp.asarray, plan)
+    state = loop.init_state("unipc", x, policy, model=dit, do_cfg=True, max_steps=100)
     guidance = jnp.float32(5.0)
 
     def step(m, state, i):
-        return loop.denoise_step(m, state, i, schedule, cond, uncond, guidance, solver="unipc", do_cfg=True)
+        return loop.denoise_step(m, state, i, schedule, cond, uncond, guidance, plan, solver="unipc", do_cfg=True,
+                                 policy=policy)
 
     # The step donates its state: feed each call the previous call's output, as the pipeline does.
     holder = {"state": state}
@@ -104,9 +112,12 @@ def build(target: str, model_name: str, res: str, batch: int, backend: str, fold
         return holder["state"].latents
 
     # the step's optimized HLO (its fusions are what the profile names), from jit's cache once it has run
-    call.as_text = lambda: loop.denoise_step.lower(dit, holder["state"], jnp.int32(10), schedule, cond, uncond,
-                                                   guidance, solver="unipc", do_cfg=True).compile().as_text()
-    return call, (dit, jnp.int32(10)), f"denoising step (CFG: DiT batch {2 * batch}, UniPC), latents B={batch}"
+    call.as_text = lambda: loop.denoise_step.lower(dit, holder["state"], jnp.int32(step_index), schedule, cond,
+                                                   uncond, guidance, plan, solver="unipc", do_cfg=True,
+                                                   policy=policy).compile().as_text()
+    computed = "" if plan is None else f", {'computed' if plan.forced[step_index] else 'skipped'} by the cache"
+    return call, (dit, jnp.int32(step_index)), (f"denoising step {step_index} of 50 (CFG: DiT batch {2 * batch}, "
+                                                f"UniPC; cache {cache}{computed}), latents B={batch}")
 
 
 def main():
@@ -124,11 +135,13 @@ def main():
     p.add_argument("--fused-backend", default="auto", help="A/B: the element-wise-fusing kernels' backend")
     p.add_argument("--residual-dtype", choices=("float32", "bfloat16"),
                    help="where the residual stream is stored (SystemConfig.residual_dtype; default bf16)")
+    p.add_argument("--cache", default="none:0", help="step target: the feature cache, policy:threshold")
+    p.add_argument("--step-index", type=int, default=10, help="step target: which of the 50 steps")
     p.add_argument("--tag", default="", help="suffix of the result file name")
     args = p.parse_args()
     use_key_bias_backend(args.key_bias_backend)
     fn, fargs, what = build(args.target, args.model, args.res, args.batch, args.backend, args.fold_text,
-                            args.fused_backend, args.residual_dtype)
+                            args.fused_backend, args.residual_dtype, args.cache, args.step_index)
     wall_s = float(np.median(timed(fn, *fargs, warmup=2, iters=5)))
 
     with tempfile.TemporaryDirectory() as tmp:
