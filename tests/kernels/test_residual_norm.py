@@ -107,3 +107,28 @@ def test_auto_takes_the_kernel_only_where_it_was_measured_faster(monkeypatch):
     for D in (1536, 5120):
         residual_norm(*inputs(1, 2, D), eps=EPS)
     assert used == [1536]
+
+
+@pytest.mark.parametrize("case", ["heads3_b2", "heads4_deep"])
+def test_the_dit_runs_the_kernel_at_both_sites(monkeypatch, case):
+    """The bf16 DiT with the kernel (interpreted) at both of each block's sites gives XLA's output up to rounding,
+    and stays as close to diffusers' fp32 output as the bf16 parity test asks (tests/models)."""
+    import functools
+
+    import sdjax.kernels.residual_norm as rn
+    from sdjax.models.wan import load_transformer
+    from tests.conftest import FIXTURES, rel_l2
+
+    io = np.load(FIXTURES / "wan_dit" / case / "io.npz")
+    model = load_transformer(FIXTURES / "wan_dit" / case, dtype="bfloat16")
+    forward = lambda: np.asarray(jax.jit(lambda m, x, t, c: m(x, t, c))(
+        model, jnp.asarray(io["latents"]), jnp.asarray(io["timestep"]), jnp.asarray(io["context"])))
+    with_xla = forward()
+    calls = []
+    kernel = functools.partial(rn.residual_norm_pallas, interpret=True)
+    monkeypatch.setattr(rn, "unsupported_reason", lambda backend, x, y: None)  # as on a GPU
+    monkeypatch.setattr(rn, "residual_norm_pallas", lambda *a, **kw: calls.append(a[0].shape) or kernel(*a, **kw))
+    with_kernel = forward()
+    assert len(calls) == 2  # traced once: the scan's body has the two sites
+    assert rel_l2(with_kernel, with_xla) <= 2e-3
+    assert rel_l2(with_kernel, io["output"]) <= 1e-2
