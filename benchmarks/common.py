@@ -152,17 +152,6 @@ def use_xla_norm(on: bool) -> None:
                                                          else reason(backend, y, heads))
 
 
-def use_xla_ffn(on: bool) -> None:
-    """Benchmark A/B: fc1 + bias + GELU through XLA in this process (`auto` does not pick our fused GEMM)."""
-    if not on:
-        return
-    from sdjax.kernels import dense
-
-    reason = dense.unsupported_reason
-    dense.unsupported_reason = lambda backend, x, w: "off for this A/B" if backend == "pallas_mgpu" else reason(
-        backend, x, w)
-
-
 def use_xla_residual_norm(on: bool) -> None:
     """Benchmark A/B: a block's residual adds + LayerNorms through XLA in this process (`auto` does not pick our
     kernel)."""
@@ -173,6 +162,16 @@ def use_xla_residual_norm(on: bool) -> None:
     reason = residual_norm.unsupported_reason
     residual_norm.unsupported_reason = lambda backend, x, y: ("off for this A/B" if backend == "pallas_triton"
                                                               else reason(backend, x, y))
+
+
+def use_plain_ffn_add(on: bool) -> None:
+    """Benchmark A/B: the FFN's gated residual add as its own element-wise pass in this process (the gate not folded
+    into fc2, whose epilogue then does not add the stream)."""
+    if not on:
+        return
+    from sdjax.models.wan import transformer
+
+    transformer.FeedForward.into_stream = lambda self, x, u, gate: transformer._residual_add(x, self(u), gate)
 
 
 def parse_xla_options(texts) -> dict | None:

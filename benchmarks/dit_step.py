@@ -14,6 +14,7 @@ import argparse
 import functools
 import gc
 import os
+import re
 import time
 
 # JAX would otherwise reserve 75% of the card and starve the torch side of the comparison.
@@ -31,7 +32,7 @@ from benchmarks.common import (
     torch_timing,
     use_key_bias_backend,
     use_long_kv_variant,
-    use_xla_ffn,
+    use_plain_ffn_add,
     use_xla_norm,
     use_xla_residual_norm,
     write_results,
@@ -39,6 +40,7 @@ from benchmarks.common import (
 from sdjax.config import ModelConfig
 from sdjax.models.wan.loading import abstract_transformer
 from sdjax.models.wan.transformer import WanTransformerConfig, fold_text_padding
+from sdjax.numerics import GEMM_COMPILER_OPTIONS
 from sdjax.pipeline import TEXT_FOLD_ROWS
 
 RES = {"480p": (480, 832), "720p": (720, 1280)}
@@ -88,9 +90,14 @@ def bench_sdjax(cfg, shape, B, backend, cfg_batch=False, fused_backend="auto", c
     out = compiled(model, x, t, ctx)
     finite = bool(jnp.isfinite(out).all())
     peak = peak_gib()
+    # GEMMs whose bias + GELU XLA gave to cuBLASLt's epilogue (the scan's body holds one a block): 0 means the
+    # FFN's GELU lost the form XLA's GEMM rewriter matches
+    hlo = compiled.as_text()
+    gelu_epilogues = hlo.count('"epilogue":"BIAS_GELU"')
+    stream_epilogues = len(re.findall(r'"beta":1[,}]', hlo))  # GEMMs adding the stream (the FFN's fc2)
     del model, out
     gc.collect()
-    return float(np.median(times)), compile_s, peak, finite
+    return float(np.median(times)), compile_s, peak, finite, gelu_epilogues, stream_epilogues
 
 
 def bench_diffusers(cfg, shape, B):
@@ -121,9 +128,11 @@ def main():
                    "(benchmarks/attention.py syntax, e.g. mgpu:64,192,2,0,1)")
     p.add_argument("--fused-backend", default="auto", help="A/B: xla turns off the element-wise-fusing kernels")
     p.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE",
-                   help="A/B: an XLA compiler option for the forward's jit (repeatable)")
+                   help="A/B: an XLA compiler option for the forward's jit (repeatable), over "
+                        "GEMM_COMPILER_OPTIONS (e.g. xla_gpu_enable_cublaslt=false)")
     p.add_argument("--xla-norm", action="store_true", help="A/B: q/k RMSNorm + RoPE through XLA, not our kernel")
-    p.add_argument("--xla-ffn", action="store_true", help="A/B: fc1 + bias + GELU through XLA, not our fused GEMM")
+    p.add_argument("--plain-ffn-add", action="store_true",
+                   help="A/B: the FFN's gated residual add as its own pass, not in fc2's GEMM epilogue")
     p.add_argument("--xla-residual-norm", action="store_true",
                    help="A/B: a block's residual adds + LayerNorms through XLA, not our one-pass kernel")
     p.add_argument("--text-len", type=int, default=TEXT_LEN, help="text tokens of the context (Wan pads to 512; "
@@ -137,9 +146,9 @@ def main():
     use_long_kv_variant(args.long_kv_variant)
     use_xla_norm(args.xla_norm)
     use_key_bias_backend(args.key_bias_backend)
-    use_xla_ffn(args.xla_ffn)
     use_xla_residual_norm(args.xla_residual_norm)
-    options = parse_xla_options(args.xla_option)
+    use_plain_ffn_add(args.plain_ffn_add)
+    options = {**GEMM_COMPILER_OPTIONS, **(parse_xla_options(args.xla_option) or {})}
     rows = []
     for case in args.cases.split(","):
         name, (h, w), B, cfg_batch = parse_case(case)
@@ -154,13 +163,15 @@ def main():
                 theirs = dict(diffusers_ms=d_s * 1e3, diffusers_peak_GiB=d_peak)
             except Exception as e:  # a missing wheel or OOM is reported, not fatal for the sdjax numbers
                 theirs = dict(diffusers_error=f"{type(e).__name__}: {str(e)[:80]}")
-        ms, compile_s, peak, finite = bench_sdjax(cfg, shape, B, args.backend, cfg_batch, args.fused_backend, options,
-                                                  args.text_len, args.fold_text, args.residual_dtype)
+        ms, compile_s, peak, finite, gelu_epilogues, stream_epilogues = bench_sdjax(
+            cfg, shape, B, args.backend, cfg_batch, args.fused_backend, options, args.text_len, args.fold_text,
+            args.residual_dtype)
         text_tokens = TEXT_FOLD_ROWS if args.fold_text else args.text_len
         row = {"case": case, "residual": args.residual_dtype or "bfloat16", "tokens": L, "text_tokens": text_tokens,
                "sdjax_ms": ms * 1e3, "compile_s": compile_s,
                "peak_GiB": peak,
-               "MFU": flops(cfg, L, B, cfg_batch, text_tokens) / ms / 1e12 / PEAK_TFLOPS, "finite": finite, **theirs}
+               "MFU": flops(cfg, L, B, cfg_batch, text_tokens) / ms / 1e12 / PEAK_TFLOPS, "finite": finite,
+               "gelu_epilogues": gelu_epilogues, "stream_epilogues": stream_epilogues, **theirs}
         if "diffusers_ms" in theirs:
             row["speedup"] = theirs["diffusers_ms"] / (ms * 1e3)
         rows.append(row)

@@ -1,106 +1,146 @@
-"""The FFN's fc1 + bias + GELU: XLA (cuBLAS GEMM, then a fusion) against our epilogue-fused Hopper GEMM.
+"""The FFN's two GEMMs and what XLA fuses into their cuBLASLt epilogues, per formulation and compiler options.
 
-    python benchmarks/ffn.py [--configs 128x128x3,128x64x4,64x128x4] [--no-forward]
+    python benchmarks/ffn.py [--parts fc1,fc2] [--cases 1.3b-65520,14b-32760] [--dump /tmp/dump]
 
-At Wan's FFN shapes (1.3B: 1,536 → 8,960; 14B: 5,120 → 13,824; 32,760 tokens, and 65,520 for batched CFG),
-checks the fused kernel against XLA (relative L2) and times: fc1 + bias + GELU alone per backend and kernel
-config (`block_m x block_n x stages`), the whole FFN (fc1 → GELU → fc2), and the 1.3B 480p DiT forward with
-`fused_backend` xla vs auto, in the same process. Device-timed (the kernels' own time, benchmarks/gemm.py).
+fc1: XLA's GEMM rewriter matches `x · 0.5 · (1 + tanh(√(2/π) · (x + 0.044715 · x³)))` on a cuBLASLt GEMM's output
+and hands it to the BIAS_GELU epilogue (one pass, the GELU in fp32 before the one rounding) — if the HLO it sees
+has that shape. fc2 and the block's gated residual add, x + gate · (u @ W2 + b): as the model writes it (fc2, then
+an fp32 element-wise pass over the stream), and with the gate folded into W2's columns and b, so that
+`(u @ W2' + b') + x` is a GEMM whose epilogue adds the bias and the stream (cuBLASLt's C input, beta = 1) —
+valid where the gate is the same for every sample of the batch (one timestep).
+
+Reports the epilogue XLA chose, device time, and the relative L2 error against an fp32 reference from the same
+bf16 inputs. Session 13 also timed our own fused Mosaic GPU fc1 kernel here, since removed (benchmarks/NOTES.md).
+`sdjax.numerics.GEMM_COMPILER_OPTIONS` is the "cublaslt_no_triton" row. With `--dump` (the folder of an XLA dump of
+every pass, `XLA_FLAGS=--xla_dump_to=DIR --xla_dump_hlo_pass_re=.* --xla_dump_hlo_module_re=jit_fc.*`), writes each
+formulation's HLO as the GEMM rewriter received it, to see why one does not match.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import parse_xla_options, random_like, write_results
-from benchmarks.dit_step import TEXT_LEN
+from benchmarks.common import RESULTS, write_results
 from benchmarks.gemm import ms as device_ms
-from sdjax.config import ModelConfig
-from sdjax.kernels.dense import gelu_dense
-from sdjax.kernels.gelu_dense_mgpu import GeluDenseConfig, gelu_dense_mgpu
-from sdjax.models.wan.loading import abstract_transformer
-from sdjax.models.wan.transformer import WanTransformerConfig
 
-SHAPES = {"1.3b": (1536, 8960), "14b": (5120, 13824)}
+SHAPES = {"1.3b": (1536, 8960), "14b": (5120, 13824)}  # (model dim, ffn dim)
+OPTIONS = {
+    "default": None,
+    "cublaslt": {"xla_gpu_enable_cublaslt": True},
+    "cublaslt_no_triton": {"xla_gpu_enable_cublaslt": True, "xla_gpu_enable_triton_gemm": False},
+}
 
 
-def ms(fn, *args) -> float:
-    return device_ms(jax.jit(fn), *args)
+def fc1_jax_gelu(x, w, b):  # the model's form
+    y = jnp.einsum("...i,io->...o", x, w) + b.astype(x.dtype)
+    return jax.nn.gelu(y, approximate=True)
+
+
+def fc1_explicit(x, w, b):  # the rewriter's pattern written out, x³ as x · (x · x)
+    y = jnp.einsum("...i,io->...o", x, w) + b.astype(x.dtype)
+    return y * (0.5 * (1.0 + jnp.tanh(0.7978845608028654 * (y + 0.044715 * (y * (y * y))))))
+
+
+def fc1_reference(x, w, b):
+    y = jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32), precision="highest") + b.astype(jnp.float32)
+    return jax.nn.gelu(y, approximate=True)
+
+
+def fc2_then_add(u, w, b, x, gate):  # fc2, then the stream's gated add in fp32 (one rounding into the stream)
+    y = jnp.einsum("...i,io->...o", u, w) + b.astype(u.dtype)
+    return (x.astype(jnp.float32) + y.astype(jnp.float32) * gate).astype(x.dtype)
+
+
+def fc2_gate_folded(u, w, b, x, gate):  # the gate in W2's columns and b: the stream add becomes GEMM epilogue work
+    w = (w.astype(jnp.float32) * gate).astype(w.dtype)
+    b = (b.astype(jnp.float32) * gate).astype(x.dtype)
+    return (jnp.einsum("...i,io->...o", u, w) + b) + x
+
+
+def fc2_reference(u, w, b, x, gate):
+    y = jnp.dot(u.astype(jnp.float32), w.astype(jnp.float32), precision="highest") + b.astype(jnp.float32)
+    return x.astype(jnp.float32) + y * gate
+
+
+PARTS = {"fc1": ((fc1_jax_gelu, fc1_explicit), fc1_reference), "fc2": ((fc2_then_add, fc2_gate_folded), fc2_reference)}
+
+
+def inputs(part: str, M: int, D: int, F: int):
+    ks = jax.random.split(jax.random.key(0), 5)
+    K, N = (D, F) if part == "fc1" else (F, D)
+    x = jax.random.normal(ks[0], (M, K), jnp.bfloat16)
+    w = (jax.random.normal(ks[1], (K, N), jnp.float32) / np.sqrt(K)).astype(jnp.bfloat16)
+    b = (0.1 * jax.random.normal(ks[2], (N,))).astype(jnp.bfloat16)
+    if part == "fc1":
+        return (x, w, b), 2 * M * K * N / 1e12
+    stream = jax.random.normal(ks[3], (M, N), jnp.bfloat16)
+    gate = 0.5 + 0.1 * jax.random.normal(ks[4], (N,), jnp.float32)
+    return (x, w, b, stream, gate), 2 * M * K * N / 1e12
+
+
+def epilogues(hlo: str) -> str:
+    """The cuBLASLt epilogues of a compiled program, and whether a GEMM also adds a matrix (beta != 0)."""
+    found = sorted(set(re.findall(r'"epilogue":"(\w+)"', hlo))) or ["-"]
+    if re.search(r'"beta":(?!0[,}])', hlo):
+        found.append("+C")
+    return ",".join(found)
+
+
+def rewriter_input(dump: Path, module: str) -> str:
+    """From an XLA dump: `module`'s HLO as the (non-fp8) GEMM rewriter received it, and what it made of it."""
+    groups: dict[str, list[Path]] = {}
+    for p in sorted(dump.glob(f"module_*.{module}.*")):
+        groups.setdefault(p.name.split(".")[0], []).append(p)
+    for files in groups.values():
+        files = [p for p in files if re.search(r"\.\d{4}\.", p.name)]
+        for i, p in enumerate(files):
+            if "gemm-rewriter" in p.name and "__cublas$lt$matmul" in p.read_text():
+                return f"## {files[i - 1].name}\n{files[i - 1].read_text()}\n## {p.name}\n{p.read_text()}\n"
+    return f"## {module}: no cuBLASLt GEMM-rewriter pass among {sum(map(len, groups.values()))} dump files\n"
+
+
+def measure(case: str, what: str, fn, args, ref, tflop: float, epilogue: str = "") -> dict:
+    out = np.asarray(fn(*args), np.float32)
+    ref = np.asarray(ref, np.float32)
+    t = device_ms(fn, *args)
+    row = {"case": case, "what": what, "gemm_epilogue": epilogue, "ms": t, "TFLOP_per_s": tflop / t * 1e3,
+           "rel_l2_vs_fp32": float(np.linalg.norm(out - ref) / np.linalg.norm(ref))}
+    print(row, flush=True)
+    return row
 
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--configs", default="128x128x3,128x128x2,64x128x4",
-                   help="block_m x block_n x stages")
-    p.add_argument("--cases", default="1.3b-32760,1.3b-65520,14b-32760")
-    p.add_argument("--no-forward", action="store_true")
-    p.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE",
-                   help="also time the XLA fc1 compiled with these options (e.g. xla_gpu_enable_cublaslt=true: "
-                        "bias + GELU in cuBLASLt's epilogue)")
+    p.add_argument("--parts", default="fc1,fc2")
+    p.add_argument("--cases", default="1.3b-65520,1.3b-32760,14b-32760")
+    p.add_argument("--dump", default=None, help="the --xla_dump_to folder of this process, to extract from")
     args = p.parse_args()
-    configs = {c: GeluDenseConfig(block_m=int(c.split("x")[0]), block_n=int(c.split("x")[1]),
-                                  stages=int(c.split("x")[2]))
-               for c in args.configs.split(",")}
     rows = []
-    for case in args.cases.split(","):
-        size, M = case.split("-")
-        K, N = SHAPES[size]
-        kx, kw, kb, k2 = jax.random.split(jax.random.key(0), 4)
-        x = jax.random.normal(kx, (int(M), K), jnp.bfloat16)
-        w = (jax.random.normal(kw, (K, N), jnp.float32) / np.sqrt(K)).astype(jnp.bfloat16)
-        b = (0.1 * jax.random.normal(kb, (N,))).astype(jnp.bfloat16)
-        w2 = (jax.random.normal(k2, (N, K), jnp.float32) / np.sqrt(N)).astype(jnp.bfloat16)
-        tflop = 2 * int(M) * K * N / 1e12
-        ref = np.asarray(jax.jit(lambda x, w, b: gelu_dense(x, w, b, backend="xla"))(x, w, b), np.float32)
-        base = ms(lambda x, w, b: gelu_dense(x, w, b, backend="xla"), x, w, b)
-        rows.append({"case": case, "what": "fc1 + bias + GELU, xla", "ms": base, "TFLOP_per_s": tflop / base * 1e3})
-        if options := parse_xla_options(args.xla_option):
-            xla = lambda x, w, b: gelu_dense(x, w, b, backend="xla")
-            compiled = jax.jit(xla).lower(x, w, b).compile(compiler_options=options)
-            t = device_ms(compiled, x, w, b)
-            out = np.asarray(compiled(x, w, b), np.float32)
-            rows.append({"case": case, "what": f"fc1 + bias + GELU, xla with {' '.join(args.xla_option)}", "ms": t,
-                         "TFLOP_per_s": tflop / t * 1e3, "speedup": base / t,
-                         "rel_l2_vs_xla": float(np.linalg.norm(out - ref) / np.linalg.norm(ref)),
-                         "gemm_epilogue": ",".join(sorted(set(re.findall(r'"epilogue":"(\w+)"', compiled.as_text()))))})
-        for name, cfg in configs.items():
-            try:
-                fn = lambda x, w, b, cfg=cfg: gelu_dense_mgpu(x, w, b, config=cfg)
-                out = np.asarray(jax.jit(fn)(x, w, b), np.float32)
-                t = ms(fn, x, w, b)
-                rows.append({"case": case, "what": f"fc1 + bias + GELU, fused {name}", "ms": t,
-                             "TFLOP_per_s": tflop / t * 1e3, "speedup": base / t,
-                             "rel_l2_vs_xla": float(np.linalg.norm(out - ref) / np.linalg.norm(ref))})
-            except Exception as e:  # a config that does not fit shared memory is reported, not fatal
-                rows.append({"case": case, "what": f"fused {name}", "error": f"{type(e).__name__}: {str(e)[:90]}"})
-            print(rows[-1], flush=True)
-        for backend in ("xla", "pallas_mgpu"):
-            t = ms(lambda x, w, b, w2, backend=backend: gelu_dense(x, w, b, backend=backend) @ w2, x, w, b, w2)
-            rows.append({"case": case, "what": f"whole FFN (fc1 → GELU → fc2), {backend}", "ms": t,
-                         "TFLOP_per_s": 2 * tflop / t * 1e3})
-            print(rows[-1], flush=True)
-    if not args.no_forward:
-        cfg = WanTransformerConfig.from_dict(ModelConfig.named("wan2.1-t2v-1.3b").transformer)
-        x = jax.random.normal(jax.random.key(1), (1, 16, 21, 60, 104), jnp.float32)
-        t, ctx = jnp.full((1,), 500.0), jax.random.normal(jax.random.key(2), (1, TEXT_LEN, cfg.text_dim))
-        outs = {}
-        for fused_backend in ("xla", "auto"):
-            model = random_like(abstract_transformer(cfg, "bfloat16", "auto", fused_backend=fused_backend))
-            fwd = jax.jit(lambda m, x, t, c: m(x, t, c))
-            outs[fused_backend] = np.asarray(fwd(model, x, t, ctx), np.float32)
-            rows.append({"case": "1.3b-480p-b1", "what": f"DiT forward, fused_backend={fused_backend}",
-                         "ms": ms(lambda m, x, t, c: m(x, t, c), model, x, t, ctx)})
-            print(rows[-1], flush=True)
-            del model
-        diff = np.linalg.norm(outs["auto"] - outs["xla"]) / np.linalg.norm(outs["xla"])
-        rows[-1]["rel_l2_vs_xla"] = float(diff)
-    write_results("ffn", rows, "fc1 + bias + tanh-GELU: XLA vs our epilogue-fused Mosaic GPU GEMM; bf16, random "
-                               "inputs; config = block_m (per compute warpgroup) x block_n x stages; device time.")
+    parts = args.parts.split(",")
+    for part in parts:
+        forms, reference = PARTS[part]
+        for case in args.cases.split(","):
+            size, M = case.split("-")
+            fn_args, tflop = inputs(part, int(M), *SHAPES[size])
+            ref = jax.jit(reference)(*fn_args)
+            for f in forms:
+                for opt_name, opts in OPTIONS.items():
+                    compiled = jax.jit(f).lower(*fn_args).compile(compiler_options=opts)
+                    rows.append(measure(case, f"{f.__name__} / {opt_name}", compiled, fn_args, ref, tflop,
+                                        epilogues(compiled.as_text())))
+    if args.dump:
+        text = "".join(rewriter_input(Path(args.dump), f"jit_{f.__name__}") for part in parts for f in PARTS[part][0])
+        (Path(os.environ.get("OUT") or RESULTS) / "ffn_epilogue_hlo.txt").write_text(text)
+    write_results("ffn", rows, "The FFN's GEMMs (bf16) per formulation and XLA options: the cuBLASLt epilogue XLA's "
+                               "GEMM rewriter chose (+C: it also adds the stream, beta = 1), device time, relative L2 "
+                               "against an fp32 reference from the same inputs.")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
-"""Mosaic GPU GEMMs against cuBLAS at the DiT's shapes: our fused fc1 + GELU, and a tile / cluster sweep of JAX's
-Hopper matmul example.
+"""Mosaic GPU GEMMs against cuBLAS at the DiT's shapes: a tile / cluster sweep of JAX's Hopper matmul example.
 
-    python benchmarks/gemm.py [--shapes fc1,fc2,attn,fc1_14b] [--m 32760,65520] [--quick | --only-fused]
+    python benchmarks/gemm.py [--shapes fc1,fc2,attn,fc1_14b] [--m 32760,65520] [--quick]
 
 A 128 x 128 tile per warpgroup reads 32 KB from L2 per 2.1 MFLOP, more than L2 serves at the tensor rate (our
 first fused fc1 kernel ran ~660 TFLOP/s so); larger CTA tiles (two warpgroups sharing one operand) and 2-CTA
@@ -11,8 +10,8 @@ M = 32,768), and checks each against cuBLAS.
 
 Device-timed: the kernels' own time from a profiler trace (sum over a call's kernels, median of 10 calls), as
 inside the model. (Host timing, this script's first form, added 0.1-0.3 ms a call at these sizes and ranked the
-kernels wrongly: benchmarks/NOTES.md, session 5.) fc1 also times what the model runs: our fused fc1 + bias + GELU
-(`sdjax.kernels.gelu_dense_mgpu`) against cuBLAS followed by XLA's bias + GELU pass.
+kernels wrongly: benchmarks/NOTES.md, session 5.) fc1 as the model runs it (bias + GELU in cuBLASLt's epilogue):
+benchmarks/fc1_epilogue.py.
 """
 
 from __future__ import annotations
@@ -55,7 +54,6 @@ def main():
     p.add_argument("--shapes", default="fc1,fc2")
     p.add_argument("--m", default="32768", help="token counts, comma-separated")
     p.add_argument("--quick", action="store_true", help="the best tiles only, every grid order")
-    p.add_argument("--only-fused", action="store_true", help="fc1: cuBLAS and the fused kernel, no example sweep")
     args = p.parse_args()
     from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as hm
 
@@ -73,21 +71,6 @@ def main():
         rows.append({"shape": shape, "kernel": "cuBLAS (XLA dot)", "ms": t, "TFLOP_per_s": tflop / t * 1e3,
                      "rel_err_vs_cublas": 0.0})
         print(rows[-1], flush=True)
-        if shape.startswith("fc1"):  # what the model runs: with bias + GELU (the fused kernel in the 1.3B model)
-            from sdjax.kernels.dense import gelu_dense
-
-            b = jax.random.normal(jax.random.key(2), (N,), jnp.float32)
-            gref = np.asarray(jax.jit(lambda x, w, b: gelu_dense(x, w, b, backend="xla"))(x, w, b), np.float32)
-            for backend in ("xla", "pallas_mgpu"):
-                fn = jax.jit(lambda x, w, b, backend=backend: gelu_dense(x, w, b, backend=backend))
-                out = np.asarray(fn(x, w, b), np.float32)
-                t = ms(fn, x, w, b)
-                rows.append({"shape": shape, "kernel": f"fc1 + bias + GELU, {backend}", "ms": t,
-                             "TFLOP_per_s": tflop / t * 1e3,
-                             "rel_err_vs_cublas": float(np.linalg.norm(out - gref) / np.linalg.norm(gref))})
-                print(rows[-1], flush=True)
-        if args.only_fused:
-            continue
         if args.quick:  # the best of a first full sweep (results/gemm_NVIDIA_H200.md), every grid order
             combos = [(128, 128, D.M, D.N), (128, 128, D.N, D.M), (64, 256, D.M, None), (128, 128, D.N, D.N)]
             orders = [(D.N, 4), (D.N, 8), (D.N, 16), (D.M, 4), (D.M, 8), (D.M, 16)]

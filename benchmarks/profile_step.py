@@ -36,6 +36,7 @@ from sdjax.config import ModelConfig
 from sdjax.models.wan.loading import abstract_transformer
 from sdjax.models.wan.transformer import WanTransformerConfig
 from sdjax.models.wan.vae import AutoencoderKLWan, WanVAEConfig
+from sdjax.numerics import GEMM_COMPILER_OPTIONS
 from sdjax.pipeline import jit_decode_frames
 from sdjax.sampling import cache as cache_lib
 from sdjax.sampling import loop, solvers
@@ -92,7 +93,8 @@ def build(target: str, model_name: str, res: str, batch: int, backend: str, fold
         cond = uncond = ctx
     if target == "forward":
         args = (dit, x, jnp.full((batch,), 500.0), cond)
-        return jax.jit(lambda m, x, t, c: m(x, t, c)).lower(*args).compile(), args, f"DiT forward, B={batch}"
+        forward = jax.jit(lambda m, x, t, c: m(x, t, c), compiler_options=GEMM_COMPILER_OPTIONS)
+        return forward.lower(*args).compile(), args, f"DiT forward, B={batch}"
     schedule = jax.tree.map(jnp.asarray, solvers.make_schedule("unipc", 50, 3.0).padded(100))
     policy, _, threshold = cache.partition(":")
     plan = cache_lib.make_plan(policy, float(threshold or 0), 50, 100, model_config=cfg)

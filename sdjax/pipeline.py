@@ -41,6 +41,7 @@ from sdjax.models.wan.transformer import WanTransformerConfig, fold_text_padding
 from sdjax.models.wan.vae import COMPILER_OPTIONS as VAE_COMPILER_OPTIONS
 from sdjax.models.wan.vae import load_vae
 from sdjax.models.weights import WeightsError, read_config
+from sdjax.numerics import GEMM_COMPILER_OPTIONS
 from sdjax.sampling import cache, loop, solvers
 from sdjax.sharding import vae as parallel_vae
 
@@ -141,7 +142,7 @@ class Pipeline:
         parallel = getattr(transformer, "parallel", None)
         self.mesh = None if parallel is None else parallel.mesh
         parallel_vae.shard_vae(vae, self.mesh)
-        self._encode = jax.jit(lambda enc, ids, mask: enc(ids, mask))
+        self._encode = jax.jit(lambda enc, ids, mask: enc(ids, mask), compiler_options=GEMM_COMPILER_OPTIONS)
         self._decode = jit_decode_frames(self.mesh)
 
     # ------------------------------------------------------------------ construction

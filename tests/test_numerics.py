@@ -10,7 +10,10 @@ import pytest
 
 from sdjax.models.umt5 import load_text_encoder
 from sdjax.models.wan import load_transformer
+from sdjax.models.wan.loading import abstract_transformer
+from sdjax.models.wan.transformer import WanTransformerConfig
 from sdjax.models.wan.vae import load_vae
+from sdjax.numerics import GEMM_COMPILER_OPTIONS
 from tests.conftest import FIXTURES
 
 OPS = re.compile(r"stablehlo\.(dot_general|convolution)[^\n]*")
@@ -48,3 +51,24 @@ def test_fp32_matmuls_ask_for_full_precision_and_bf16_ones_do_not(name, dtype):
         assert all(f32 for f32, _ in ops)
     else:  # most of the work is bf16 (the DiT keeps its time path and head in fp32 on purpose)
         assert sum(not f32 for f32, _ in ops) > len(ops) / 2
+
+
+def test_the_ffn_gelu_keeps_the_form_that_xla_puts_into_the_gemm_epilogue():
+    """On GPUs, with `GEMM_COMPILER_OPTIONS`, XLA's GEMM rewriter gives fc1's bias + tanh-GELU to cuBLASLt's
+    epilogue only when they are computed in the GEMM's own dtype (no convert between the dot and the GELU). The
+    rewrite itself happens on a GPU (benchmarks/dit_step.py counts it); here: the bf16 DiT's program keeps that
+    form — fc1's output is bf16, its tanh runs on it in bf16, and nothing widens it to fp32."""
+    cfg = WanTransformerConfig(num_attention_heads=2, attention_head_dim=12, ffn_dim=56, num_layers=1, text_dim=32)
+    model = abstract_transformer(cfg, "bfloat16")
+    args = (jnp.zeros((1, cfg.in_channels, 2, 8, 8)), jnp.zeros((1,)), jnp.zeros((1, 4, cfg.text_dim)))
+    text = jax.jit(lambda m, *a: m(*a), compiler_options=GEMM_COMPILER_OPTIONS).lower(model, *args).as_text()
+    hidden = rf"tensor<1x32x{cfg.ffn_dim}x"  # (B, tokens, ffn_dim): only the FFN's hidden state has this shape
+    assert re.findall(rf"stablehlo\.dot_general [^\n]*-> {hidden}(\w+)>", text) == ["bf16"]
+    assert re.findall(rf"stablehlo\.tanh [^\n]*: {hidden}(\w+)>", text) == ["bf16"]
+    assert not re.search(rf"stablehlo\.convert [^\n]*-> {hidden}f32>", text)
+
+
+def test_gemm_compiler_options_are_options_this_xla_knows():
+    """A misspelt option would fail every jit that runs a model (jax rejects unknown options at compile time)."""
+    f = jax.jit(lambda x: x @ x, compiler_options=GEMM_COMPILER_OPTIONS)
+    assert float(f(jnp.ones((2, 2)))[0, 0]) == 2.0

@@ -237,6 +237,7 @@ def _bench_dit_layout(cfg, lay: Layout, host_inputs, L, *, dtype, backend, iters
     import numpy as np
 
     from sdjax.config import SystemConfig
+    from sdjax.numerics import GEMM_COMPILER_OPTIONS
     from sdjax.sharding import make_mesh, put_replicated
 
     mesh = None if lay.devices == 1 else make_mesh(
@@ -247,7 +248,8 @@ def _bench_dit_layout(cfg, lay: Layout, host_inputs, L, *, dtype, backend, iters
     # Inputs on the devices first, so the timing holds no host transfer.
     args = [jax.device_put(a, jax.devices()[0]) if mesh is None else put_replicated(a, mesh) for a in host_inputs]
     t0 = time.perf_counter()
-    compiled = jax.jit(lambda m, x, t, c: m(x, t, c)).lower(model, *args).compile()
+    forward = jax.jit(lambda m, x, t, c: m(x, t, c), compiler_options=GEMM_COMPILER_OPTIONS)
+    compiled = forward.lower(model, *args).compile()
     compile_s = time.perf_counter() - t0
     s = timed(compiled, model, *args, iters=iters)
     out = np.asarray(compiled(model, *args), np.float64)

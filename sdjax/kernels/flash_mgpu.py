@@ -43,9 +43,9 @@ logits: each compute warpgroup copies its batch row's bias into shared memory on
 slice in the softmax's column layout. On an H100 at the CFG batch's 128 folded keys: 0.221 ms against cuDNN's 0.394,
 which reads a materialized (B, 1, T, S) bias (benchmarks/NOTES.md, session 10).
 
-Not CPU-runnable: Pallas's GPU interpreter (which runs our GEMM kernel, gelu_dense_mgpu.py) does not yet
-interpret this kernel's accumulator-from-registers steps; CI checks that it lowers for CUDA, and
-`benchmarks/attention.py` checks it against cuDNN and a float64 reference on the GPU.
+Not CPU-runnable: Pallas's GPU interpreter does not yet interpret this kernel's accumulator-from-registers
+steps; CI checks that it lowers for CUDA, and `benchmarks/attention.py` checks it against cuDNN and a float64
+reference on the GPU.
 """
 
 from __future__ import annotations

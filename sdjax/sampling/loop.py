@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from sdjax.numerics import GEMM_COMPILER_OPTIONS
 from sdjax.sampling import cache as cache_lib
 from sdjax.sampling import solvers
 
@@ -75,7 +76,8 @@ def guided_velocity(model, latents, timestep, cond, uncond, guidance, do_cfg: bo
     return _guided(forward, latents, timestep, cond, uncond, guidance, do_cfg)[0]
 
 
-@partial(jax.jit, static_argnames=("solver", "do_cfg", "policy"), donate_argnames=("state",))
+@partial(jax.jit, static_argnames=("solver", "do_cfg", "policy"), donate_argnames=("state",),
+         compiler_options=GEMM_COMPILER_OPTIONS)
 def denoise_step(model, state: DenoiseState, i, schedule: solvers.Schedule, cond, uncond, guidance,
                  plan: cache_lib.CachePlan | None = None, *, solver: str, do_cfg: bool,
                  policy: str = "none") -> DenoiseState:

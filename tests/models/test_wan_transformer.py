@@ -1,6 +1,7 @@
 """Parity of the Wan DiT with diffusers' WanTransformer3DModel (fixtures: tools/make_wan_dit_fixtures.py)."""
 
 import json
+import re
 import shutil
 
 import jax
@@ -14,6 +15,7 @@ from sdjax.models.wan import load_transformer
 from sdjax.models.wan.loading import abstract_transformer
 from sdjax.models.wan.transformer import (
     FP32_PARAMS,
+    FeedForward,
     FoldedText,
     WanTransformerConfig,
     fold_text_padding,
@@ -356,3 +358,22 @@ def test_folded_text_checks_its_bias_shape():
     x, t = jnp.asarray(io["latents"][:1]), jnp.asarray(io["timestep"][:1])
     with pytest.raises(ValueError, match="key_bias must be"):
         model(x, t, FoldedText(c[:, :8], jnp.zeros((1, 7))))
+
+
+def test_ffn_into_stream_is_the_gated_residual_add_with_the_gate_folded_into_fc2():
+    """x + gate · ffn(u) with one gate for the batch: the same function (fp32: rel. L2 <= 1e-6; bf16 against the
+    fp32 result: within bf16 rounding), and in bf16 the stream add stays in the GEMM's dtype — the form XLA's GEMM
+    rewriter turns into cuBLASLt's bias + C epilogue on GPUs (benchmarks/dit_step.py counts those)."""
+    ffn, ffn32 = FeedForward(24, 56, jnp.bfloat16, nnx.Rngs(0)), FeedForward(24, 56, jnp.float32, nnx.Rngs(0))
+    nnx.update(ffn32, jax.tree.map(lambda a: a.astype(jnp.float32), nnx.state(ffn)))  # the same weights
+    kx, ku, kg = jax.random.split(jax.random.key(1), 3)
+    x, u = jax.random.normal(kx, (2, 8, 24)), jax.random.normal(ku, (2, 8, 24))
+    gate = 1 + 0.3 * jax.random.normal(kg, (24,))
+    plain = np.asarray(x + gate * ffn32(u))
+    assert rel_l2(np.asarray(ffn32.into_stream(x, u, gate)), plain) <= 1e-6
+
+    into_stream = jax.jit(lambda m, x, u, g: m.into_stream(x, u, g))
+    args = (ffn, x.astype(jnp.bfloat16), u.astype(jnp.bfloat16), gate)
+    out = into_stream(*args)
+    assert out.dtype == jnp.bfloat16 and rel_l2(np.asarray(out, np.float32), plain) <= 1e-2
+    assert not re.search(r"stablehlo\.convert [^\n]*-> tensor<2x8x24xf32>", into_stream.lower(*args).as_text())

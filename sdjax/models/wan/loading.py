@@ -171,7 +171,7 @@ def read_transformer_config(directory: str | Path) -> WanTransformerConfig:
 def abstract_transformer(cfg: WanTransformerConfig, dtype: str, attention_backend: str = "auto",
                          fused_backend: str = "auto", residual_dtype: str | None = None):
     """The model without memory (`nnx.eval_shape`). `fused_backend` picks the kernels that fuse element-wise work
-    into a pass (fc1 + GELU, q/k RMSNorm + RoPE): "auto" or "xla" (benchmarks' A/B)."""
+    into a pass (q/k RMSNorm + RoPE, residual add + LayerNorm): "auto" or "xla" (benchmarks' A/B)."""
     return nnx.eval_shape(lambda: WanTransformer3DModel(cfg, dtype=dtype, residual_dtype=residual_dtype,
                                                         attention_backend=attention_backend,
                                                         fused_backend=fused_backend, rngs=nnx.Rngs(0)))

@@ -24,7 +24,6 @@ import numpy as np
 from flax import nnx
 
 from sdjax.kernels.attention import LOSSY_BACKENDS, attention
-from sdjax.kernels.dense import gelu_dense
 from sdjax.kernels.norm import rms_norm_rope
 from sdjax.kernels.residual_norm import layer_norm, residual_norm
 from sdjax.numerics import matmul_precision
@@ -316,15 +315,24 @@ class Attention(nnx.Module):
 
 
 class FeedForward(nnx.Module):
-    """fc2(gelu_tanh(fc1(x))); fc1's bias + GELU run in its GEMM's epilogue where a kernel for it exists."""
+    """fc2(gelu_tanh(fc1(x))). Compiled with `GEMM_COMPILER_OPTIONS`, fc1's bias + GELU run in cuBLASLt's epilogue
+    on GPUs; XLA's GEMM rewriter matches only this form (bias add and GELU in the GEMM's dtype)."""
 
-    def __init__(self, dim, ffn_dim, dtype, rngs, backend: str = "auto"):
+    def __init__(self, dim, ffn_dim, dtype, rngs):
         self.fc1 = _linear(dim, ffn_dim, dtype, rngs)
         self.fc2 = _linear(ffn_dim, dim, dtype, rngs)
-        self.backend = backend
 
     def __call__(self, x):
-        return self.fc2(gelu_dense(x, self.fc1.kernel[...], self.fc1.bias[...], backend=self.backend))
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+
+    def into_stream(self, x, u, gate):
+        """x + gate · ffn(u) for one gate (D,) shared by the whole batch (one timestep): the gate folded into fc2's
+        columns and bias, so `(h @ W2' + b') + x` is one GEMM whose epilogue adds the bias and the stream (cuBLASLt's
+        C input under `GEMM_COMPILER_OPTIONS`) — no element-wise pass of its own over the stream."""
+        h = jax.nn.gelu(self.fc1(u), approximate=True)
+        w = (self.fc2.kernel[...].astype(jnp.float32) * gate).astype(h.dtype)
+        b = (self.fc2.bias[...].astype(jnp.float32) * gate).astype(x.dtype)
+        return (jnp.einsum("...i,io->...o", h, w, precision=self.fc2.precision) + b) + x
 
 
 # ------------------------------------------------------------------------------------------ block
@@ -343,17 +351,18 @@ class WanBlock(nnx.Module):
         # gains nothing from it (measured slower, benchmarks/NOTES.md) and stays exact.
         cross_backend = "auto" if attention_backend in LOSSY_BACKENDS else attention_backend
         self.attn2 = Attention(cfg, dtype, cross_backend, rngs, fused_backend)
-        self.ffn = FeedForward(cfg.dim, cfg.ffn_dim, dtype, rngs, fused_backend)
+        self.ffn = FeedForward(cfg.dim, cfg.ffn_dim, dtype, rngs)
         self.scale_shift_table = nnx.Param(
             jax.random.normal(rngs.params(), (1, 6, cfg.dim), jnp.float32) / math.sqrt(cfg.dim))
 
-    def __call__(self, x, e0, text, rope, attend=None):
+    def __call__(self, x, e0, text, rope, attend=None, one_timestep=False):
         """x (B, L, D) the residual stream (fp32 or bf16); e0 (B, 6, D) fp32; text = (states (B, S, D), key bias
         (B, S) or None); rope = (cos, sin).
 
         `attend` is the self-attention kernel when the tokens are split over devices (cross-attention to the
-        whole text needs no communication and keeps the plain kernel)."""
-        return self.text_and_ffn(*self.self_attention(x, e0, rope, attend), e0, text)
+        whole text needs no communication and keeps the plain kernel). `one_timestep`: every sample of the batch
+        is at the same timestep (equal rows of e0), so the FFN's gate is one vector (`FeedForward.into_stream`)."""
+        return self.text_and_ffn(*self.self_attention(x, e0, rope, attend), e0, text, one_timestep)
 
     def self_attention(self, x, e0, rope, attend=None):
         """The first half: x + gate1 · attn1(modulated LayerNorm(x)), and norm2 of that (the cross-attention's
@@ -364,13 +373,15 @@ class WanBlock(nnx.Module):
         return residual_norm(x, y, y_bias, gate1[:, 0], self.norm2.weight[...], self.norm2.bias[...], eps=self.eps,
                              backend=self.residual_backend)
 
-    def text_and_ffn(self, x, u, e0, text):
+    def text_and_ffn(self, x, u, e0, text, one_timestep=False):
         """The second half: cross-attention to the text (u = norm2(x)), then the modulated, gated FFN."""
         shift2, scale2, gate2 = self._modulation(e0, 3)
         states, key_bias = text
         y, y_bias = self.attn2(u, context=states, key_bias=key_bias)
         x, u = residual_norm(x, y, y_bias, None, 1 + scale2[:, 0], shift2[:, 0], eps=self.eps,
                              backend=self.residual_backend)
+        if one_timestep and x.dtype == self.dtype:
+            return self.ffn.into_stream(x, u, gate2[0, 0])
         return _residual_add(x, self.ffn(u), gate2)
 
     def cfg_first(self, x, e0, text, rope, attend=None):
@@ -378,7 +389,7 @@ class WanBlock(nnx.Module):
         and e0 are equal until the text enters, so the self-attention half runs once, on the first, for both."""
         B = x.shape[0] // 2
         h, u = self.self_attention(x[:B], e0[:B], rope, attend)
-        return self.text_and_ffn(jnp.concatenate([h, h]), jnp.concatenate([u, u]), e0, text)
+        return self.text_and_ffn(jnp.concatenate([h, h]), jnp.concatenate([u, u]), e0, text, one_timestep=True)
 
     def _modulation(self, e0, first: int):
         """(shift, scale, gate) of a half: rows first..first+2 of table + e0, each (B, 1, D)."""
@@ -391,7 +402,8 @@ def run_stacked_blocks(block_of, x, e0, text, rope, stacked_state, layers=None, 
 
     `cfg_batch`: x is a CFG batch [conditional; unconditional] of one latent at one timestep; block 0 then runs its
     self-attention half once for both (`WanBlock.cfg_first`), the rest as usual. Exact; saves one self-attention
-    of one layer a step (a thirtieth of the attention of Wan-1.3B's CFG step)."""
+    of one layer a step (a thirtieth of the attention of Wan-1.3B's CFG step). A CFG batch or a batch of one is at
+    one timestep: the FFN's gate then goes into fc2 (`FeedForward.into_stream`)."""
     start, stop = (0, None) if layers is None else layers
     if cfg_batch and start == 0:
         layer0 = jax.tree.map(lambda w: w[0], stacked_state)
@@ -400,7 +412,9 @@ def run_stacked_blocks(block_of, x, e0, text, rope, stacked_state, layers=None, 
         if stop == 1 or jax.tree.leaves(stacked_state)[0].shape[0] == 1:
             return x
     layers = None if (start, stop) == (0, None) else (start, stop)
-    return scan_layers(lambda h, layer: block_of(layer)(h, e0, text, rope, attend), x, stacked_state, layers)
+    one_timestep = cfg_batch or x.shape[0] == 1
+    return scan_layers(lambda h, layer: block_of(layer)(h, e0, text, rope, attend, one_timestep), x, stacked_state,
+                       layers)
 
 
 def scan_layers(apply, x, stacked_state, layers=None):
