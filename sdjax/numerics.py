@@ -6,10 +6,12 @@ passes on TPUs), so results match a float32 reference; in bf16/fp16 the backend'
 Every jit that runs a model's GEMMs compiles with `GEMM_COMPILER_OPTIONS`: on GPUs XLA then sends them to cuBLASLt
 and its GEMM rewriter puts a following bias + tanh-GELU (a transformer FFN's first layer, written as
 `gelu(x @ w + b, approximate=True)` in the GEMM's dtype) into cuBLASLt's epilogue — one pass over the hidden
-state instead of two, the GELU computed in fp32 before the one rounding. Triton GEMMs are off because XLA's
-Triton GEMM fusion claims the dot before the rewriter sees the GELU. Measured (benchmarks/NOTES.md, session 13;
-Wan-1.3B fc1 at 65,520 tokens): 3.16 → 2.43 ms on an H100 (our own fused Hopper kernel: 2.64), 14B 6.34 → 5.79;
-relative error against fp32 halves (3.1e-3 → 1.7e-3). Other backends ignore the options.
+state instead of two, the GELU computed in fp32 before the one rounding — and a following bias + same-shape
+addend (`(x @ w + b) + c`, the FFN's residual add in `FeedForward.into_stream`) into its bias and C inputs. Triton
+GEMMs are off because XLA's Triton GEMM fusion claims the dot before the rewriter sees the GELU. Measured
+(benchmarks/NOTES.md, session 13; Wan-1.3B at 65,520 tokens, H100): fc1 + GELU 3.16 → 2.43 ms (our own fused
+Hopper kernel: 2.64; 14B 6.34 → 5.79), its relative error against fp32 halved (3.1e-3 → 1.7e-3); fc2 and the
+residual add 2.34 ms + a pass over the stream → 2.20 ms. Other backends ignore the options.
 """
 
 from __future__ import annotations
