@@ -1,12 +1,12 @@
 """Wan VAE decode on one GPU: sdjax (fp32 / bf16, latent frames per scan step) against diffusers.
 
     python benchmarks/vae_decode.py [--sizes 480x832,720x1280] [--per-step 1,3] [--layouts nhwc,xla] [--no-diffusers]
-                                    [--pad-out 0,8,16] [--transfer]
+                                    [--transfer]
 
 Random weights (real architecture), 81 frames (21 latent frames). Reports seconds and peak memory.
-`--pad-out C`: A/B, the decoder's last conv (3 output channels) run with its output channels zero-padded to C.
 `--transfer`: the pipeline's decode to frames (`jit_decode_frames`) with the frames copied to the host as float32
-(what `Pipeline.decode` returns), against the device time alone and smaller host copies (uint8, float16).
+(what `Pipeline.decode` returns), against the device time alone, the program writing them to pinned host memory,
+and smaller host copies (uint8, float16).
 """
 
 from __future__ import annotations
@@ -26,28 +26,8 @@ from flax import nnx
 
 from benchmarks.common import random_like, timed, torch_timing, write_results
 from sdjax.config import ModelConfig
-from sdjax.models.wan import vae as vae_lib
 from sdjax.models.wan.vae import COMPILER_OPTIONS, AutoencoderKLWan, WanVAEConfig
 from sdjax.pipeline import jit_decode_frames
-
-
-def pad_out_channels(c: int) -> None:
-    """A/B in this process: 3-D convs with fewer than `c` output channels run with zero channels up to c."""
-    plain = vae_lib.CausalConv3d.__call__
-
-    def padded(self, x, history=None):
-        w, b = self.weight[...], self.bias[...]
-        if w.shape[-1] >= c:
-            return plain(self, x, history)
-        if self.past_frames:
-            x = history.extend(x, self.past_frames)
-        n = w.shape[-1]
-        w = jnp.pad(w, ((0, 0),) * 4 + ((0, c - n),))
-        y = jax.lax.conv_general_dilated(x, w, self.stride, ((0, 0), *self.spatial_padding),
-                                         dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
-        return y[..., :n] + b
-
-    vae_lib.CausalConv3d.__call__ = padded
 
 
 def bench_transfer(cfg, h, w) -> list[dict]:
@@ -56,7 +36,7 @@ def bench_transfer(cfg, h, w) -> list[dict]:
     z = jax.random.normal(jax.random.key(0), (1, cfg.z_dim, 21, h // 8, w // 8), jnp.float32)
     frames = jit_decode_frames()
     pinned = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
-    frames_pinned = jax.jit(frames.__wrapped__, compiler_options=vae_lib.COMPILER_OPTIONS, out_shardings=pinned)
+    frames_pinned = jax.jit(frames.__wrapped__, compiler_options=COMPILER_OPTIONS, out_shardings=pinned)
     as_u8 = jax.jit(lambda f: jnp.round(f * 255).astype(jnp.uint8))
     as_f16 = jax.jit(lambda f: f.astype(jnp.float16))
     ways = {
@@ -117,7 +97,6 @@ def main():
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--layouts", default="nhwc", help="comma-separated: nhwc (the pipeline's COMPILER_OPTIONS), "
                                                       "xla (XLA's own conv layouts)")
-    p.add_argument("--pad-out", default="0", help="A/B: output channels the last conv is zero-padded to (0: none)")
     p.add_argument("--transfer", action="store_true", help="also time the frames' copy to the host")
     p.add_argument("--tag", default="", help="suffix of the result file name (runs in one call must not share one)")
     args = p.parse_args()
@@ -125,24 +104,19 @@ def main():
     rows, videos = [], {}
     for size in args.sizes.split(","):
         h, w = map(int, size.split("x"))
-        plain_conv = vae_lib.CausalConv3d.__call__
-        for pad, dtype, layout, per_step in itertools.product(
-                map(int, args.pad_out.split(",")), args.dtypes.split(","), args.layouts.split(","),
-                map(int, args.per_step.split(","))):
-            vae_lib.CausalConv3d.__call__ = plain_conv
-            if pad:
-                pad_out_channels(pad)
+        for dtype, layout, per_step in itertools.product(args.dtypes.split(","), args.layouts.split(","),
+                                                     map(int, args.per_step.split(","))):
             options = COMPILER_OPTIONS if layout == "nhwc" else None
             s, c, need, video = bench_sdjax(cfg, h, w, jnp.dtype(dtype), per_step, options)
             row = {"size": f"{w}x{h}x81", "dtype": dtype, "conv_layout": layout, "latents_per_step": per_step,
-                   "pad_out": pad, "sdjax_s": s, "compile_s": c, "xla_buffers_GiB": need}
-            # Layouts, padding and chunking change only the convolution algorithms cuDNN picks and the order of
+                   "sdjax_s": s, "compile_s": c, "xla_buffers_GiB": need}
+            # Layouts and chunking change only the convolution algorithms cuDNN picks and the order of
             # sums: the frames may differ from the first variant's by rounding.
             first = videos.setdefault((size, dtype), video)
             if first is not video:
                 row["max_abs_vs_first"] = float(np.abs(video - first).max())
                 row["rel_l2_vs_first"] = float(np.linalg.norm(video - first) / np.linalg.norm(first))
-            if per_step == 1 and layout == "nhwc" and not pad and not args.no_diffusers:
+            if per_step == 1 and layout == "nhwc" and not args.no_diffusers:
                 try:
                     d, peak = bench_diffusers(cfg, h, w, dtype)
                     row.update(diffusers_s=d, diffusers_peak_GiB=peak, speedup=d / s)
@@ -150,7 +124,6 @@ def main():
                     row["diffusers_error"] = f"{type(e).__name__}: {str(e)[:60]}"
             rows.append(row)
             print(row, flush=True)
-        vae_lib.CausalConv3d.__call__ = plain_conv
         if args.transfer:
             rows += bench_transfer(cfg, h, w)
     write_results("vae_decode" + (f"_{args.tag}" if args.tag else ""), rows,
