@@ -10,7 +10,8 @@ decode to frames, as the pipeline runs it).
 Traces a few calls (bf16, random weights) with `jax.profiler`, reads the Perfetto trace it writes, and sums
 device time per kernel: attention (our Pallas kernel or cuDNN), GEMMs (cuBLAS / cuBLASLt), convolutions,
 XLA fusions (element-wise and reductions: norms, modulation, RoPE, GELU, residuals) and the rest. Also times
-the same calls on the host clock: wall time minus kernel time is what the device sat idle (launch gaps).
+the same calls on the host clock: wall time minus kernel time is what the device sat idle, of which the trace's
+gaps between one call's kernels (by the kernel each gap ends at) are launch gaps and syncs inside the call.
 Writes the table and the optimised HLO (to map fusion names to what they compute) next to the other results.
 """
 
@@ -53,8 +54,8 @@ def kind_of(name: str) -> str:
     return next((kind for kind, pattern in KINDS if pattern.search(name)), "other")
 
 
-def device_kernels(trace_dir: Path) -> list[tuple[str, float]]:
-    """(kernel name, µs) for every GPU event of the Perfetto trace under `trace_dir`."""
+def device_kernels(trace_dir: Path) -> list[tuple[str, float, float]]:
+    """(kernel name, µs, start µs) for every GPU event of the Perfetto trace under `trace_dir`."""
     path = next(trace_dir.rglob("perfetto_trace.json.gz"))
     events = json.loads(gzip.decompress(path.read_bytes()))
     events = events["traceEvents"] if isinstance(events, dict) else events
@@ -64,8 +65,24 @@ def device_kernels(trace_dir: Path) -> list[tuple[str, float]]:
     if not gpu_pids:
         names = [e.get("args", {}).get("name") for e in events if e.get("name") == "process_name"]
         raise SystemExit(f"no device timeline in the trace (processes: {names}); this script needs a GPU")
-    return [(e["name"], float(e["dur"])) for e in events
+    return [(e["name"], float(e["dur"]), float(e["ts"])) for e in events
             if e.get("ph") == "X" and e.get("pid") in gpu_pids and "dur" in e]
+
+
+def idle_gaps(kernels: list[tuple[str, float, float]], calls: int) -> tuple[float, dict[str, float]]:
+    """Where the device sits idle inside a call: (ms of gaps between kernels a call, ms a call by the kernel that
+    ends each gap). The `calls - 1` longest gaps separate the traced calls and are not counted."""
+    events = sorted(kernels, key=lambda k: k[2])
+    gaps, end = [], None
+    for name, us, ts in events:
+        if end is not None and ts > end:
+            gaps.append((ts - end, name))
+        end = max(end or ts, ts + us)
+    inside = sorted(gaps, reverse=True)[calls - 1:]
+    by_next = collections.Counter()
+    for us, name in inside:
+        by_next[name] += us / calls / 1e3
+    return sum(us for us, _ in inside) / calls / 1e3, by_next
 
 
 def build(target: str, model_name: str, res: str, batch: int, backend: str, fold_text: int | None = None,
@@ -152,7 +169,7 @@ def main():
                 jax.block_until_ready(fn(*fargs))
         kernels = device_kernels(Path(tmp))
     per_name = collections.defaultdict(lambda: [0.0, 0])
-    for name, us in kernels:
+    for name, us, _ in kernels:
         per_name[name][0] += us / args.calls / 1e3
         per_name[name][1] += 1
     per_kind = collections.Counter()
@@ -162,6 +179,10 @@ def main():
     rows = [{"kind": k, "name": "(all)", "ms_per_call": ms, "share": ms / total} for k, ms in per_kind.most_common()]
     rows.append({"kind": "idle", "name": "host wall time per call minus kernel time", "ms_per_call":
                  wall_s * 1e3 - total})
+    inside, by_next = idle_gaps(kernels, args.calls)
+    rows.append({"kind": "idle", "name": "of which gaps between a call's kernels", "ms_per_call": inside})
+    for name, ms in by_next.most_common(5):
+        rows.append({"kind": "idle", "name": f"gaps before {name[:70]}", "ms_per_call": ms})
     for name, (ms, n) in sorted(per_name.items(), key=lambda kv: -kv[1][0])[: args.top]:
         rows.append({"kind": kind_of(name), "name": name[:90], "ms_per_call": ms, "share": ms / total,
                      "calls_per_call": n / args.calls})

@@ -1,8 +1,10 @@
-"""Helpers of the GPU benchmarks that can be checked here: the clock/power sampler's parsing and its CPU fallback."""
+"""Helpers of the GPU benchmarks that can be checked here: the clock/power sampler's parsing and its CPU fallback, the
+profile's idle-gap accounting."""
 
 import pytest
 
 from benchmarks.common import GpuSampler, clock_power_summary
+from benchmarks.profile_step import idle_gaps
 
 
 def test_clock_power_summary_parses_nvidia_smi_lines():
@@ -20,3 +22,14 @@ def test_sampler_without_nvidia_smi_reports_nothing(monkeypatch):
     with GpuSampler(period_ms=50) as gpu:
         pass
     assert gpu.proc is None and gpu.summary() == {}
+
+
+def test_idle_gaps_count_only_gaps_inside_a_call():
+    # two traced calls of three kernels (name, µs, start µs); the 975 µs between them is the host's, not a gap
+    call = [("a", 10.0, 0.0), ("b", 5.0, 12.0), ("c", 5.0, 20.0)]
+    kernels = call + [(n, us, ts + 1000.0 + (1.0 if n == "b" else 0.0)) for n, us, ts in call]
+    inside, by_next = idle_gaps(kernels, calls=2)
+    assert inside == pytest.approx((2 + 3 + 3 + 2) / 2 / 1e3)  # ms a call
+    assert by_next["b"] == pytest.approx((2 + 3) / 2 / 1e3) and by_next["c"] == pytest.approx((3 + 2) / 2 / 1e3)
+    # overlapping kernels (two streams) leave no gap
+    assert idle_gaps([("x", 10.0, 0.0), ("y", 4.0, 5.0), ("z", 1.0, 10.0)], calls=1)[0] == 0.0
