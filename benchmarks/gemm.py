@@ -41,7 +41,7 @@ def ms(fn, *args, calls: int = 10) -> float:
         with jax.profiler.trace(tmp, create_perfetto_trace=True):
             for _ in range(calls):
                 jax.block_until_ready(fn(*args))
-        kernels = [(name, us) for name, us in device_kernels(Path(tmp)) if "memset" not in name.lower()]
+        kernels = [(name, us) for name, us, _ in device_kernels(Path(tmp)) if "memset" not in name.lower()]
     per_kernel = collections.defaultdict(list)
     for name, us in kernels:
         per_kernel[name].append(us)

@@ -1,11 +1,13 @@
-"""A Wan block's residual add + the next LayerNorm: XLA against our one-pass Pallas (Triton) kernel.
+"""A Wan block's residual add + the next LayerNorm, and its first LayerNorm: XLA against our one-pass Pallas (Triton)
+kernels.
 
     PYTHONPATH=$PWD python benchmarks/residual_norm.py [--shapes 1.3b,14b] [--batch 2] [--configs 16:8,4:4]
 
 At Wan 480p (32,760 tokens, B=2: the CFG batch) and both of a block's sites — after the self-attention (gated,
 then norm2's affine LayerNorm) and after the cross-attention (ungated, then the FFN's modulated LayerNorm) — times
 `residual_norm` with backend xla (one jitted function) and pallas_triton (its default, then each `--configs` entry,
-rows:num_warps). Device-timed (the kernels' own time,
+rows:num_warps); and at the block's start, where nothing joins the stream, `modulated_norm` (u alone: GB/s counts
+reading x and writing u). Device-timed (the kernels' own time,
 median over 10 calls: `benchmarks.gemm.ms`); GB/s counts reading x and y and writing x′ and u once. The kernel's
 outputs are checked against XLA's: x′ identical, u within bf16 rounding (relative L2 ≤ 4e-3; else the script exits
 non-zero after writing the table). In the model: `dit_step.py --xla-residual-norm` against the same without.
@@ -23,7 +25,7 @@ import numpy as np
 
 from benchmarks.common import write_results
 from benchmarks.gemm import ms
-from sdjax.kernels.residual_norm import residual_norm, residual_norm_pallas
+from sdjax.kernels.residual_norm import modulated_norm, residual_norm, residual_norm_pallas
 
 L, EPS, MAX_REL_L2 = 32760, 1e-6, 4e-3
 DIMS = {"1.3b": 1536, "14b": 5120}
@@ -69,8 +71,24 @@ def main():
                     failed |= row["x_identical"] < 1.0 or row["u_rel_l2_vs_xla"] > MAX_REL_L2
                 rows.append(row)
                 print(row, flush=True)
-    write_results("residual_norm", rows, header="x′ = x + gate·(y + b), u = LayerNorm(x′)·scale + shift; bf16 "
-                  "stream, random inputs; device time; GB/s: x, y read and x′, u written once.")
+        scale, shift = 1 + 0.1 * jax.random.normal(ks[4], (B, D)), 0.1 * jax.random.normal(ks[5], (B, D))
+        norms = {backend: jax.jit(lambda x, sc, sh, backend=backend: modulated_norm(
+            x, sc, sh, eps=EPS, out_dtype=jnp.bfloat16, backend=backend)) for backend in ("xla", "pallas_triton")}
+        ru = np.asarray(norms["xla"](x, scale, shift), np.float32)
+        base = ms(norms["xla"], x, scale, shift)
+        for name, fn in norms.items():
+            t = base if name == "xla" else ms(fn, x, scale, shift)
+            row = {"model": model, "B": B, "tokens": L, "site": "block start (modulated LN alone)", "backend": name,
+                   "ms": t, "GB_per_s": gb / 2 / t * 1e3, "speedup": base / t}
+            if name != "xla":
+                ku = np.asarray(fn(x, scale, shift), np.float32)
+                row["u_rel_l2_vs_xla"] = float(np.linalg.norm(ku - ru) / np.linalg.norm(ru))
+                failed |= row["u_rel_l2_vs_xla"] > MAX_REL_L2
+            rows.append(row)
+            print(row, flush=True)
+    write_results("residual_norm", rows, header="x′ = x + gate·(y + b), u = LayerNorm(x′)·scale + shift (block "
+                  "start: u = LayerNorm(x)·scale + shift); bf16 stream, random inputs; device time; GB/s: x, y read "
+                  "and x′, u written once (block start: x read, u written).")
     if failed:
         sys.exit("residual_norm: the kernel disagrees with XLA (see the table)")
 

@@ -5,7 +5,8 @@
 
 y is a projection's output without its bias; `gate` (B, D) or None (= 1); `scale`, `shift` (B, D) or (D,): an
 affine LayerNorm's weight and bias, or a modulated one's (1 + scale) and shift. LayerNorm is in fp32, two-pass
-(mean, then the mean square of x′ − mean), on x′ as stored.
+(mean, then the mean square of x′ − mean), on x′ as stored. Where nothing joins the stream (a block's first
+sublayer: the previous FFN already added its output in its GEMM's epilogue), `modulated_norm` writes u alone.
 
 | backend         | platform       | what                                                                       |
 |-----------------|----------------|----------------------------------------------------------------------------|
@@ -20,6 +21,8 @@ Why: in a Wan-1.3B CFG step on an H100, XLA's four element-wise passes of a bloc
 self-attention and 0.427 → 0.278 after the cross-attention (2.9 TB/s; programs of 2 tokens on one warp beat 4-8
 tokens on 2-8 warps), Wan-14B 1.62 → 1.19 and 1.48 → 1.20 (2 tokens, 8 warps); the 1.3B CFG step 878.3 → 872.6 ms.
 Inside the 14B forward (B=1) it gains nothing (2,470 vs 2,464 ms): `auto` keeps XLA above `KERNEL_MAX_DIM`.
+The block-start norm alone (`modulated_norm`, 1.3B CFG batch): XLA's normalization fusion 0.177 ms, the kernel
+0.137 (2.9 TB/s), −1.0 ms a CFG step (H100, benchmarks/NOTES.md, session 14).
 """
 
 from __future__ import annotations
@@ -74,6 +77,16 @@ def unsupported_reason(backend: str, x, y) -> str | None:
     raise ValueError(f"residual_norm backend {backend!r} unknown; allowed: {', '.join(BACKENDS)}")
 
 
+def _resolve(backend: str, x, y) -> str:
+    """The backend that runs: `auto` -> our kernel where it fits, else XLA; an explicit one must be able to."""
+    if backend == "auto":
+        fits = x.shape[-1] <= KERNEL_MAX_DIM and unsupported_reason("pallas_triton", x, y) is None
+        return "pallas_triton" if fits else "xla"
+    if (reason := unsupported_reason(backend, x, y)) is not None:
+        raise ValueError(f"residual_norm backend {backend!r} {reason}")
+    return backend
+
+
 def residual_norm(x, y, y_bias, gate, scale, shift, *, eps: float, backend: str = "auto"):
     """(x′, u) as in the module docstring. x, y (B, L, D); y_bias (D,); gate (B, D) or None; scale, shift (B, D)
     or (D,)."""
@@ -82,14 +95,18 @@ def residual_norm(x, y, y_bias, gate, scale, shift, *, eps: float, backend: str 
         raise ValueError(f"residual_norm: x{x.shape}, y{y.shape}, y_bias{y_bias.shape} and gate "
                          f"{None if gate is None else gate.shape} disagree")
     scale, shift = (jnp.broadcast_to(v.astype(jnp.float32), (B, D)) for v in (scale, shift))
-    if backend == "auto":
-        fits = D <= KERNEL_MAX_DIM and unsupported_reason("pallas_triton", x, y) is None
-        backend = "pallas_triton" if fits else "xla"
-    elif (reason := unsupported_reason(backend, x, y)) is not None:
-        raise ValueError(f"residual_norm backend {backend!r} {reason}")
-    if backend == "xla":
+    if _resolve(backend, x, y) == "xla":
         return _xla(x, y, y_bias, gate, scale, shift, eps)
     return residual_norm_pallas(x, y, y_bias, gate, scale, shift, eps=eps)
+
+
+def modulated_norm(x, scale, shift, *, eps: float, out_dtype, backend: str = "auto"):
+    """u = LayerNorm(x) · scale + shift in `out_dtype`, fp32 math; x (B, L, D), scale and shift (B, D) or (D,)."""
+    B, L, D = x.shape
+    scale, shift = (jnp.broadcast_to(v.astype(jnp.float32), (B, D)) for v in (scale, shift))
+    if _resolve(backend, x, x) == "xla":
+        return (layer_norm(x, eps) * scale[:, None] + shift[:, None]).astype(out_dtype)
+    return modulated_norm_pallas(x, scale, shift, eps=eps, out_dtype=out_dtype)
 
 
 def residual_norm_pallas(x, y, y_bias, gate, scale, shift, *, eps: float, rows: int | None = None,
@@ -121,6 +138,28 @@ def residual_norm_pallas(x, y, y_bias, gate, scale, shift, *, eps: float, rows: 
     return x_new.reshape(B, L, D), u.reshape(B, L, D)
 
 
+def modulated_norm_pallas(x, scale, shift, *, eps: float, out_dtype, rows: int | None = None,
+                          num_warps: int | None = None, interpret: bool = False):
+    """`modulated_norm`'s kernel: `residual_norm_pallas` without the residual (one read of x, one write of u)."""
+    B, L, D = x.shape
+    C, W = _chunks(D)
+    R = rows or next(r for r in ROWS if L % r == 0)
+    if L % R:
+        raise ValueError(f"modulated_norm_pallas: rows={R} must divide the token count {L}")
+    row_spec = pl.BlockSpec((None, R, C, W), lambda b, i: (b, i, 0, 0))
+    batch_spec = pl.BlockSpec((None, C, W), lambda b, i: (b, 0, 0))
+    u = pl.pallas_call(
+        functools.partial(_norm_kernel, eps=eps, C=C),
+        out_shape=jax.ShapeDtypeStruct((B, L, C, W), out_dtype),
+        grid=(B, L // R),
+        in_specs=[row_spec, batch_spec, batch_spec],
+        out_specs=row_spec,
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps or (1 if D <= 2048 else 8), num_stages=1),
+        interpret=interpret,
+    )(x.reshape(B, L, C, W), scale.astype(jnp.float32).reshape(B, C, W), shift.astype(jnp.float32).reshape(B, C, W))
+    return u.reshape(B, L, D)
+
+
 def _kernel(x_ref, y_ref, bias_ref, gate_ref, scale_ref, shift_ref, x_out, u_out, *, eps: float, C: int):
     """R tokens: refs (R, C, W) for the rows, (C, W) for the vectors. Every array op is on one (R, W) chunk."""
     parts = []
@@ -129,6 +168,16 @@ def _kernel(x_ref, y_ref, bias_ref, gate_ref, scale_ref, shift_ref, x_out, u_out
         x_new = (x_ref[:, c, :].astype(jnp.float32) + delta).astype(x_out.dtype)
         x_out[:, c, :] = x_new
         parts.append(x_new.astype(jnp.float32))  # the norm sees the stream as stored
+    _store_norm(parts, scale_ref, shift_ref, u_out, eps)
+
+
+def _norm_kernel(x_ref, scale_ref, shift_ref, u_out, *, eps: float, C: int):
+    _store_norm([x_ref[:, c, :].astype(jnp.float32) for c in range(C)], scale_ref, shift_ref, u_out, eps)
+
+
+def _store_norm(parts, scale_ref, shift_ref, u_out, eps: float):
+    """u = LayerNorm of the row chunks `parts` (fp32, two-pass) · scale + shift, into u_out."""
+    C = len(parts)
     D = C * parts[0].shape[-1]
     mean = sum(p.sum(-1) for p in parts)[:, None] / D
     var = sum(jnp.square(p - mean).sum(-1) for p in parts)[:, None] / D

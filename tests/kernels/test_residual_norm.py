@@ -1,4 +1,5 @@
-"""residual_norm: the stream update and the next LayerNorm in one pass, against a float64 reference.
+"""residual_norm: the stream update and the next LayerNorm in one pass (and modulated_norm, the LayerNorm alone),
+against a float64 reference.
 
 The Pallas kernel runs in interpret mode here (its Triton lowering needs a GPU: benchmarks/residual_norm.py checks
 it there against XLA)."""
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sdjax.kernels.residual_norm import residual_norm, residual_norm_pallas
+from sdjax.kernels.residual_norm import modulated_norm, modulated_norm_pallas, residual_norm, residual_norm_pallas
 
 EPS = 1e-6
 
@@ -83,6 +84,28 @@ def test_kernel_and_xla_agree_to_rounding():
     assert diff.mean() < 1e-3
 
 
+@pytest.mark.parametrize("B, L, D, x_dtype", [
+    (2, 24, 1536, jnp.bfloat16),  # Wan-1.3B's block start: per-sample (1 + scale), shift
+    (1, 6, 5120, jnp.bfloat16),   # Wan-14B's dims
+    (2, 7, 192, jnp.float32),     # an fp32 stream; 1-token programs
+])
+def test_modulated_norm_kernel_and_xla_match_float64(B, L, D, x_dtype):
+    x, _, _, _, scale, shift = inputs(B, L, D, x_dtype, seed=3)
+    f = lambda a: np.asarray(a, np.float64)
+    xf = f(x)
+    mean = xf.mean(-1, keepdims=True)
+    ref = (xf - mean) / np.sqrt(((xf - mean) ** 2).mean(-1, keepdims=True) + EPS) * f(scale)[:, None] \
+        + f(shift)[:, None]
+    outs = [modulated_norm_pallas(x, scale, shift, eps=EPS, out_dtype=jnp.bfloat16, interpret=True),
+            modulated_norm(x, scale, shift, eps=EPS, out_dtype=jnp.bfloat16, backend="xla")]
+    for u in outs:
+        assert u.dtype == jnp.bfloat16 and u.shape == x.shape
+        u = f(u)
+        assert np.abs(u - ref).max() <= 2.0 ** -7 * np.abs(ref).max()
+        assert np.linalg.norm(u - ref) / np.linalg.norm(ref) < 3e-3
+    assert (f(outs[0]) != f(outs[1])).mean() < 1e-3  # same math, another summation order
+
+
 def test_bad_inputs_are_named():
     x, y, y_bias, gate, scale, shift = inputs(2, 8, 128)
     with pytest.raises(ValueError, match="residual_norm: .*disagree"):
@@ -93,6 +116,8 @@ def test_bad_inputs_are_named():
         residual_norm(x, y, y_bias, gate, scale, shift, eps=EPS, backend="cuda")
     with pytest.raises(ValueError, match="pallas_triton.*needs a GPU"):
         residual_norm(x, y, y_bias, gate, scale, shift, eps=EPS, backend="pallas_triton")
+    with pytest.raises(ValueError, match="unknown; allowed: auto, xla, pallas_triton"):
+        modulated_norm(x, scale, shift, eps=EPS, out_dtype=jnp.bfloat16, backend="cuda")
 
 
 def test_auto_takes_the_kernel_only_where_it_was_measured_faster(monkeypatch):
@@ -110,9 +135,10 @@ def test_auto_takes_the_kernel_only_where_it_was_measured_faster(monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["heads3_b2", "heads4_deep"])
-def test_the_dit_runs_the_kernel_at_both_sites(monkeypatch, case):
-    """The bf16 DiT with the kernel (interpreted) at both of each block's sites gives XLA's output up to rounding,
-    and stays as close to diffusers' fp32 output as the bf16 parity test asks (tests/models)."""
+def test_the_dit_runs_the_kernel_at_its_three_sites(monkeypatch, case):
+    """The bf16 DiT with the kernels (interpreted) at each block's three norms — the block-start norm alone, then
+    the two where a sublayer's output joins the stream — gives XLA's output up to rounding, and stays as close to
+    diffusers' fp32 output as the bf16 parity test asks (tests/models)."""
     import functools
 
     import sdjax.kernels.residual_norm as rn
@@ -124,11 +150,14 @@ def test_the_dit_runs_the_kernel_at_both_sites(monkeypatch, case):
     forward = lambda: np.asarray(jax.jit(lambda m, x, t, c: m(x, t, c))(
         model, jnp.asarray(io["latents"]), jnp.asarray(io["timestep"]), jnp.asarray(io["context"])))
     with_xla = forward()
-    calls = []
+    calls, norm_calls = [], []
     kernel = functools.partial(rn.residual_norm_pallas, interpret=True)
+    norm_kernel = functools.partial(rn.modulated_norm_pallas, interpret=True)
     monkeypatch.setattr(rn, "unsupported_reason", lambda backend, x, y: None)  # as on a GPU
     monkeypatch.setattr(rn, "residual_norm_pallas", lambda *a, **kw: calls.append(a[0].shape) or kernel(*a, **kw))
+    monkeypatch.setattr(rn, "modulated_norm_pallas",
+                        lambda *a, **kw: norm_calls.append(a[0].shape) or norm_kernel(*a, **kw))
     with_kernel = forward()
-    assert len(calls) == 2  # traced once: the scan's body has the two sites
+    assert len(calls) == 2 and len(norm_calls) == 1  # traced once: the scan's body has the three sites
     assert rel_l2(with_kernel, with_xla) <= 2e-3
     assert rel_l2(with_kernel, io["output"]) <= 1e-2

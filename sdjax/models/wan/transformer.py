@@ -25,7 +25,7 @@ from flax import nnx
 
 from sdjax.kernels.attention import LOSSY_BACKENDS, attention
 from sdjax.kernels.norm import rms_norm_rope
-from sdjax.kernels.residual_norm import layer_norm, residual_norm
+from sdjax.kernels.residual_norm import layer_norm, modulated_norm, residual_norm
 from sdjax.numerics import matmul_precision
 
 # ------------------------------------------------------------------------------------------ config
@@ -368,7 +368,8 @@ class WanBlock(nnx.Module):
         """The first half: x + gate1 · attn1(modulated LayerNorm(x)), and norm2 of that (the cross-attention's
         input), from one pass over the stream. It does not see the text."""
         shift1, scale1, gate1 = self._modulation(e0, 0)
-        u = (layer_norm(x, self.eps) * (1 + scale1) + shift1).astype(self.dtype)
+        u = modulated_norm(x, 1 + scale1[:, 0], shift1[:, 0], eps=self.eps, out_dtype=self.dtype,
+                           backend=self.residual_backend)
         y, y_bias = self.attn1(u, rope=rope, attend=attend)
         return residual_norm(x, y, y_bias, gate1[:, 0], self.norm2.weight[...], self.norm2.bias[...], eps=self.eps,
                              backend=self.residual_backend)
