@@ -23,41 +23,63 @@ def _spawning_ffmpeg():
 
 def to_uint8(frames: np.ndarray) -> np.ndarray:
     """(F, H, W, 3) float in [0, 1] -> uint8, rounding to nearest."""
+    frames = _checked(frames)
+    out = np.empty(frames.shape, np.uint8)
+    for i, pixels in enumerate(_uint8_frames(frames)):
+        out[i] = pixels
+    return out
+
+
+def _checked(frames) -> np.ndarray:
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames: expected (F, H, W, 3), got {frames.shape}")
-    return (np.clip(frames, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    return frames
+
+
+def _uint8_frames(frames: np.ndarray):
+    """Each frame as uint8, converted in one cache-sized scratch buffer (whole-video temporaries ran ~3.5x slower:
+    0.19 vs 0.056 s for 81 frames at 480p on a 2-core host, benchmarks/media.py). The yielded array is reused."""
+    scratch = np.empty(frames.shape[1:], np.float32)
+    pixels = np.empty(frames.shape[1:], np.uint8)
+    for frame in frames:
+        np.clip(frame, 0.0, 1.0, out=scratch)
+        scratch *= 255.0
+        scratch += 0.5
+        np.copyto(pixels, scratch, casting="unsafe")  # truncates: x + 0.5 rounds to nearest
+        yield pixels
 
 
 def save(frames: np.ndarray, path: str | Path, fps: int, metadata: dict | None = None) -> Path:
     """Write `frames` (F, H, W, 3) in [0, 1] to `path` (.mp4, or .png when there is one frame)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = to_uint8(frames)
+    frames = _checked(frames)
     meta = json.dumps(metadata or {}, sort_keys=True, default=str)
     suffix = path.suffix.lower()
     if suffix == ".png":
-        if len(pixels) != 1:
-            raise ValueError(f"{path}: PNG holds one frame, got {len(pixels)}; use .mp4")
+        if len(frames) != 1:
+            raise ValueError(f"{path}: PNG holds one frame, got {len(frames)}; use .mp4")
         from PIL import Image
         from PIL.PngImagePlugin import PngInfo
 
         info = PngInfo()
         info.add_text("parameters", meta)
-        Image.fromarray(pixels[0]).save(path, pnginfo=info)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(to_uint8(frames)[0]).save(path, pnginfo=info)
         return path
     if suffix != ".mp4":
         raise ValueError(f"{path}: output must end in .mp4 or .png")
     import imageio_ffmpeg
 
-    F, H, W, _ = pixels.shape
+    path.parent.mkdir(parents=True, exist_ok=True)
+    F, H, W, _ = frames.shape
     writer = imageio_ffmpeg.write_frames(
         str(path), (W, H), fps=fps, codec="libx264", pix_fmt_out="yuv420p", quality=None,
         output_params=["-crf", "12", "-movflags", "+faststart", "-metadata", f"comment={meta}"], macro_block_size=1)
     with _spawning_ffmpeg():
         writer.send(None)  # starts ffmpeg
-    for frame in pixels:
-        writer.send(np.ascontiguousarray(frame))
+    for pixels in _uint8_frames(frames):  # converted as they go to ffmpeg: no uint8 copy of the whole video
+        writer.send(pixels)
     writer.close()
     return path
 
