@@ -115,24 +115,16 @@ def residual_norm_pallas(x, y, y_bias, gate, scale, shift, *, eps: float, rows: 
     `residual_norm`'s, scale and shift (B, D); `rows` tokens a program (a divisor of L; default: the largest of
     ROWS that divides it) and `num_warps` (default: 1, 8 above 2,048 dims; measured) are for benchmarks."""
     B, L, D = x.shape
-    C, W = _chunks(D)
-    R = rows or next(r for r in ROWS if L % r == 0)
-    if L % R:
-        raise ValueError(f"residual_norm_pallas: rows={R} must divide the token count {L}")
+    (C, W), row_spec, batch_spec, call = _programs("residual_norm_pallas", x, rows, num_warps, interpret)
     gate = jnp.ones((B, D), jnp.float32) if gate is None else gate.astype(jnp.float32)
     by_rows = lambda a: a.reshape(B, L, C, W)  # free: D split into C chunks of W
     per_batch = lambda a: a.reshape(B, C, W)
-    row_spec = pl.BlockSpec((None, R, C, W), lambda b, i: (b, i, 0, 0))
-    batch_spec = pl.BlockSpec((None, C, W), lambda b, i: (b, 0, 0))
-    x_new, u = pl.pallas_call(
+    x_new, u = call(
         functools.partial(_kernel, eps=eps, C=C),
         out_shape=(jax.ShapeDtypeStruct((B, L, C, W), x.dtype), jax.ShapeDtypeStruct((B, L, C, W), y.dtype)),
-        grid=(B, L // R),
         in_specs=[row_spec, row_spec, pl.BlockSpec((C, W), lambda b, i: (0, 0)), batch_spec, batch_spec,
                   batch_spec],
         out_specs=(row_spec, row_spec),
-        compiler_params=pltriton.CompilerParams(num_warps=num_warps or (1 if D <= 2048 else 8), num_stages=1),
-        interpret=interpret,
     )(by_rows(x), by_rows(y), y_bias.astype(jnp.float32).reshape(C, W), per_batch(gate), per_batch(scale),
       per_batch(shift))
     return x_new.reshape(B, L, D), u.reshape(B, L, D)
@@ -142,22 +134,30 @@ def modulated_norm_pallas(x, scale, shift, *, eps: float, out_dtype, rows: int |
                           num_warps: int | None = None, interpret: bool = False):
     """`modulated_norm`'s kernel: `residual_norm_pallas` without the residual (one read of x, one write of u)."""
     B, L, D = x.shape
+    (C, W), row_spec, batch_spec, call = _programs("modulated_norm_pallas", x, rows, num_warps, interpret)
+    u = call(
+        functools.partial(_norm_kernel, eps=eps, C=C),
+        out_shape=jax.ShapeDtypeStruct((B, L, C, W), out_dtype),
+        in_specs=[row_spec, batch_spec, batch_spec],
+        out_specs=row_spec,
+    )(x.reshape(B, L, C, W), scale.astype(jnp.float32).reshape(B, C, W), shift.astype(jnp.float32).reshape(B, C, W))
+    return u.reshape(B, L, D)
+
+
+def _programs(name: str, x, rows: int | None, num_warps: int | None, interpret: bool):
+    """How both kernels split x (B, L, D): D into C chunks of W, R tokens a program (a divisor of L; default the
+    largest of ROWS), num_warps 1 (8 above 2,048 dims; measured). -> ((C, W), the rows' and the per-batch vectors'
+    block specs, `pallas_call` with the grid and compiler settings bound)."""
+    B, L, D = x.shape
     C, W = _chunks(D)
     R = rows or next(r for r in ROWS if L % r == 0)
     if L % R:
-        raise ValueError(f"modulated_norm_pallas: rows={R} must divide the token count {L}")
+        raise ValueError(f"{name}: rows={R} must divide the token count {L}")
     row_spec = pl.BlockSpec((None, R, C, W), lambda b, i: (b, i, 0, 0))
     batch_spec = pl.BlockSpec((None, C, W), lambda b, i: (b, 0, 0))
-    u = pl.pallas_call(
-        functools.partial(_norm_kernel, eps=eps, C=C),
-        out_shape=jax.ShapeDtypeStruct((B, L, C, W), out_dtype),
-        grid=(B, L // R),
-        in_specs=[row_spec, batch_spec, batch_spec],
-        out_specs=row_spec,
-        compiler_params=pltriton.CompilerParams(num_warps=num_warps or (1 if D <= 2048 else 8), num_stages=1),
-        interpret=interpret,
-    )(x.reshape(B, L, C, W), scale.astype(jnp.float32).reshape(B, C, W), shift.astype(jnp.float32).reshape(B, C, W))
-    return u.reshape(B, L, D)
+    params = pltriton.CompilerParams(num_warps=num_warps or (1 if D <= 2048 else 8), num_stages=1)
+    call = functools.partial(pl.pallas_call, grid=(B, L // R), compiler_params=params, interpret=interpret)
+    return (C, W), row_spec, batch_spec, call
 
 
 def _kernel(x_ref, y_ref, bias_ref, gate_ref, scale_ref, shift_ref, x_out, u_out, *, eps: float, C: int):
