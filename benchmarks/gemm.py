@@ -11,7 +11,7 @@ M = 32,768), and checks each against cuBLAS.
 Device-timed: the kernels' own time from a profiler trace (sum over a call's kernels, median of 10 calls), as
 inside the model. (Host timing, this script's first form, added 0.1-0.3 ms a call at these sizes and ranked the
 kernels wrongly: benchmarks/NOTES.md, session 5.) fc1 as the model runs it (bias + GELU in cuBLASLt's epilogue):
-benchmarks/fc1_epilogue.py.
+benchmarks/ffn.py.
 """
 
 from __future__ import annotations
