@@ -1,11 +1,13 @@
 """Wan DiT forward: sdjax against diffusers at the same config and shape, one GPU, bf16, random weights.
 
     python benchmarks/dit_step.py [--cases 1.3b-480p-b1,1.3b-480p-b2,14b-480p-b1,1.3b-720p-b1] [--no-diffusers]
+    python benchmarks/dit_step.py --cases 1.3b-480p-b1 --diffusers-compiled   # against compiled diffusers
 
 A case is size-resolution-batch; batch "cfg" is the sampler's CFG batch (batch 2, block 0's self-attention shared).
 
-Reports ms per forward, the ratio to diffusers (eager), model FLOP utilisation against 764 TFLOP/s
-(the measured H200 bf16 matmul rate; see shared anchors), compile time, and peak memory.
+Reports ms per forward, the ratio to diffusers (eager, or compiled with `--diffusers-compiled`), model FLOP
+utilisation against 764 TFLOP/s (the measured H200 bf16 matmul rate; see shared anchors), compile time, and peak
+memory.
 """
 
 from __future__ import annotations
@@ -100,9 +102,12 @@ def bench_sdjax(cfg, shape, B, backend, cfg_batch=False, fused_backend="auto", c
     return float(np.median(times)), compile_s, peak, finite, gelu_epilogues, stream_epilogues
 
 
-def bench_diffusers(cfg, shape, B):
+def bench_diffusers(cfg, shape, B, compiled=False):
+    """(seconds per forward, peak GiB, compile seconds or None) of diffusers' model: eager with its default SDPA,
+    or `compiled` the strongest way we know (torch.compile max-autotune without CUDA graphs, cuDNN attention)."""
     import torch
     from diffusers import WanTransformer3DModel
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     kwargs = {k: getattr(cfg, k) for k in ("num_attention_heads", "attention_head_dim", "ffn_dim", "num_layers",
                                            "text_dim", "in_channels", "out_channels", "freq_dim", "eps",
@@ -112,10 +117,20 @@ def bench_diffusers(cfg, shape, B):
     x = torch.randn(B, 16, *shape, device="cuda", dtype=torch.bfloat16)
     t = torch.full((B,), 500, device="cuda")
     ctx = torch.randn(B, TEXT_LEN, cfg.text_dim, device="cuda", dtype=torch.bfloat16)
-    seconds, peak = torch_timing(functools.partial(model, x, t, ctx, return_dict=False), warmup=2, iters=5)
+    compile_s = None
+    if compiled:
+        fn = torch.compile(model, mode="max-autotune-no-cudagraphs")
+        with torch.no_grad(), sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            t0 = time.perf_counter()
+            fn(x, t, ctx, return_dict=False)
+            torch.cuda.synchronize()
+            compile_s = time.perf_counter() - t0
+            seconds, peak = torch_timing(functools.partial(fn, x, t, ctx, return_dict=False), warmup=2, iters=5)
+    else:
+        seconds, peak = torch_timing(functools.partial(model, x, t, ctx, return_dict=False), warmup=2, iters=5)
     del model
     torch.cuda.empty_cache()
-    return seconds, peak
+    return seconds, peak, compile_s
 
 
 def main():
@@ -123,6 +138,9 @@ def main():
     p.add_argument("--cases", default="1.3b-480p-b1,1.3b-480p-b2,1.3b-720p-b1,14b-480p-b1")
     p.add_argument("--backend", default="auto")
     p.add_argument("--no-diffusers", action="store_true")
+    p.add_argument("--diffusers-compiled", action="store_true",
+                   help="diffusers under torch.compile (max-autotune-no-cudagraphs) with cuDNN attention, the issue's "
+                        "strongest baseline (~6 min of compile a case), instead of eager")
     p.add_argument("--tag", default="", help="suffix of the result file name (e.g. warm_cache)")
     p.add_argument("--long-kv-variant", help="A/B: the exact long-key attention kernel as this variant "
                    "(benchmarks/attention.py syntax, e.g. mgpu:64,192,2,0,1)")
@@ -159,8 +177,10 @@ def main():
         theirs = {}
         if not args.no_diffusers and not cfg_batch:  # (diffusers has no CFG-batch form: its b2 is the baseline)
             try:
-                d_s, d_peak = bench_diffusers(cfg, shape, B)
+                d_s, d_peak, d_compile_s = bench_diffusers(cfg, shape, B, args.diffusers_compiled)
                 theirs = dict(diffusers_ms=d_s * 1e3, diffusers_peak_GiB=d_peak)
+                if d_compile_s is not None:
+                    theirs["diffusers_compile_s"] = d_compile_s
             except Exception as e:  # a missing wheel or OOM is reported, not fatal for the sdjax numbers
                 theirs = dict(diffusers_error=f"{type(e).__name__}: {str(e)[:80]}")
         ms, compile_s, peak, finite, gelu_epilogues, stream_epilogues = bench_sdjax(
@@ -177,7 +197,9 @@ def main():
         rows.append(row)
         print(row, flush=True)
     write_results("dit_step" + (f"_{args.tag}" if args.tag else ""), rows,
-                  "bf16, random weights, 81 frames, one forward; diffusers eager (SDPA).")
+                  "bf16, random weights, 81 frames, one forward; diffusers " + (
+                      "torch.compile(max-autotune-no-cudagraphs) + cuDNN attention." if args.diffusers_compiled
+                      else "eager (SDPA)."))
 
 
 if __name__ == "__main__":
