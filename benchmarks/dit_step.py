@@ -139,8 +139,8 @@ def main():
     p.add_argument("--backend", default="auto")
     p.add_argument("--no-diffusers", action="store_true")
     p.add_argument("--diffusers-compiled", action="store_true",
-                   help="diffusers under torch.compile (max-autotune-no-cudagraphs) with cuDNN attention, the issue's "
-                        "strongest baseline (~6 min of compile a case), instead of eager")
+                   help="diffusers under torch.compile (max-autotune-no-cudagraphs) with cuDNN attention, the "
+                        "strongest PyTorch baseline (~6 min of compile a case), instead of eager")
     p.add_argument("--tag", default="", help="suffix of the result file name (e.g. warm_cache)")
     p.add_argument("--long-kv-variant", help="A/B: the exact long-key attention kernel as this variant "
                    "(benchmarks/attention.py syntax, e.g. mgpu:64,192,2,0,1)")
