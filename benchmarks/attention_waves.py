@@ -1,10 +1,10 @@
 """Does the exact attention kernel's time follow whole waves of CTAs, or the work?
 
-    python benchmarks/attention_waves.py [--batches 1,2] [--rows 32256,32760,33792] [--tag X]
+    python benchmarks/attention_waves.py [--batches 1,2] [--rows 32760,32256,33792] [--tag X]
 
 Keys fixed at Wan-1.3B 480p's 32,760 (12 heads x 128); the query rows vary. Every CTA does the same work (all keys),
 so if the kernel runs in waves its time is ceil(clusters / cluster slots) x a wave's time, else it is proportional
-to the rows. The report lists both predictions from the first row count's measurement beside each measurement.
+to the rows. The report lists both predictions, scaled from the first row count's time, beside each measurement.
 Variants run interleaved, twice, so the card's clock drift hits all of them alike.
 """
 
@@ -66,9 +66,7 @@ def main():
     header = (f"{card_name()}, {sms} SMs, {slots} cluster slots of {config.cluster} CTA(s), {rows_per_cluster} query "
               f"rows a cluster; config {config}; bf16, {N} heads x {H}. ms: median of 10 timings of many back-to-back "
               f"calls; ms_if_waves / ms_if_work: the first row count's time scaled by whole waves / by rows.")
-    write_results(f"attention_waves{'_' + args.tag if args.tag else ''}", out, header)
-    for r in out:
-        print(r)
+    write_results(f"attention_waves{'_' + args.tag if args.tag else ''}", out, header)  # (prints the table too)
 
 
 if __name__ == "__main__":
