@@ -5,12 +5,15 @@
                                                          # pallas_mgpu then runs the fastest per key length
     python benchmarks/attention.py --shapes wan1.3b_480p --backends cudnn,pallas_mgpu
     python benchmarks/attention.py --write-table benchmarks/results/attention_h100.json   # -> auto table
+    python benchmarks/attention.py --backends pallas_mgpu,pallas_mgpu_lse   # + the kernel's log-sum-exp (ring)
 
 Each shape runs in its own subprocess with a time limit, so a kernel that hangs or crashes costs one shape,
 not the run; every measurement is appended to a JSON-lines log as soon as it exists.
 Checks: every backend's output against cuDNN's (else XLA's) at full size (relative L2), and against a
 float64 numpy reference on a sample of query rows (first and last 64 — the ragged tail — and 64 random)
-for the first and last head. FLOPs: 4·B·N·T·S_eff·H (S_eff = keys not masked by kv_len).
+for the first and last head; `pallas_mgpu_lse` (our kernel also returning each row's log-sum-exp, which ring
+attention merges by) checks that too, as the largest absolute error against float64's.
+FLOPs: 4·B·N·T·S_eff·H (S_eff = keys not masked by kv_len).
 Writes to --out (default $OUT or benchmarks/results): attention_<card>.json, attention_<card>.md.
 """
 
@@ -37,6 +40,9 @@ SHAPES = {  # name: (B, T, S, N, H, dtype, kv_len or None)
     "wan14b_480p": (1, 32760, 32760, 40, 128, "bfloat16", None),
     "wan1.3b_720p": (1, 75600, 75600, 12, 128, "bfloat16", None),
     "wan14b_720p": (1, 75600, 75600, 40, 128, "bfloat16", None),
+    # One ring block of the CFG batch at ring 2 (a device's half of the tokens against the other half's keys); with
+    # kv_len the masked long-key path (ring blocks that end in padding).
+    "wan1.3b_480p_cfg2_ring2": (2, 16380, 16380, 12, 128, "bfloat16", 16000),
     "wan1.3b_480p_cross": (1, 32760, 512, 12, 128, "bfloat16", None),
     "wan14b_720p_cross": (1, 75600, 512, 40, 128, "bfloat16", None),
     "wan1.3b_480p_cross_kvlen": (1, 32760, 512, 12, 128, "bfloat16", 226),
@@ -141,6 +147,8 @@ def _make_fn(spec: str, kv_len_given: bool, key_bias=None):
         cfg, mode = _mgpu_config(spec), spec.split(":")[0]
         f = lambda q, k, v, l: flash_mgpu.flash_attention_mgpu(q, k, v, l, key_bias=key_bias, config=cfg,
                                                                int8_qk=mode != "mgpu", fp8_pv=mode == "mgpu_int8_fp8")
+    elif spec == "pallas_mgpu_lse":  # -> (out, lse)
+        f = lambda q, k, v, l: flash_mgpu.flash_attention_mgpu(q, k, v, l, key_bias=key_bias, return_lse=True)
     elif spec.startswith("triton:"):
         bq, bk, nw, ns = (int(x) for x in spec[7:].split(","))
         f = lambda q, k, v, l: flash_pallas.flash_attention_triton(q, k, v, l, block_q=bq, block_k=bk,
@@ -182,9 +190,9 @@ def _time(fn, args, budget_ms: float = 400.0) -> list[float]:
     return times
 
 
-def reference_f64(q, k, v, kv_len=None, key_bias=None):
+def reference_f64(q, k, v, kv_len=None, key_bias=None, return_lse: bool = False):
     """softmax(q kᵀ / sqrt(H) [+ key_bias]) v in float64 numpy, (B, T, N, H) layout: the oracle of the checks and
-    the tests."""
+    the tests; with `return_lse` also the logits' log-sum-exp, (B, T, N)."""
     import numpy as np
 
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
@@ -194,10 +202,13 @@ def reference_f64(q, k, v, kv_len=None, key_bias=None):
     if kv_len is not None:
         keep = np.arange(k.shape[1])[None, :] < np.asarray(kv_len)[:, None]
         s = np.where(keep[:, None, None, :], s, -np.inf)
-    s -= s.max(-1, keepdims=True)
-    p = np.exp(s)
-    p /= p.sum(-1, keepdims=True)
-    return np.einsum("bnts,bsnh->btnh", p, v)
+    m = s.max(-1, keepdims=True)
+    p = np.exp(s - m)
+    total = p.sum(-1, keepdims=True)
+    out = np.einsum("bnts,bsnh->btnh", p / total, v)
+    if return_lse:
+        return out, (m + np.log(total))[..., 0].transpose(0, 2, 1)
+    return out
 
 
 def run_worker(shape: str, specs: list[str], log: Path):
@@ -220,7 +231,8 @@ def run_worker(shape: str, specs: list[str], log: Path):
     rng = np.random.default_rng(0)
     rows = np.unique(np.concatenate([np.arange(64), np.arange(T - 64, T), rng.integers(0, T, 64)]))
     heads = sorted({0, N - 1})
-    ref64 = reference_f64(q[:, rows][:, :, heads], k[:, :, heads], v[:, :, heads], kv_len, key_bias)
+    ref64, lse64 = reference_f64(q[:, rows][:, :, heads], k[:, :, heads], v[:, :, heads], kv_len, key_bias,
+                                 return_lse=True)
     dev = jax.devices()[0]
     ref_out, ref_name = None, None
     for spec in specs:
@@ -228,14 +240,20 @@ def run_worker(shape: str, specs: list[str], log: Path):
                "kv_len": kvl, "key_bias": key_bias is not None, "device_kind": dev.device_kind,
                "platform": dev.platform, "arch": str(getattr(dev, "compute_capability", "")), "jax": jax.__version__}
         try:
-            if spec in BACKENDS and spec != "auto" and \
-                    (why := attention._unsupported(spec, q, kv_len, k, key_bias)) is not None:
+            checked = "pallas_mgpu" if spec == "pallas_mgpu_lse" else spec
+            if checked in BACKENDS and checked != "auto" and \
+                    (why := attention._unsupported(checked, q, kv_len, k, key_bias)) is not None:
                 rec["skipped"] = why
             else:
                 if spec == "auto":
                     rec["auto_choice"] = attention.choose_backend(q, k, kv_len, key_bias)
                 fn = _make_fn(spec, kv_len is not None, key_bias)
                 out = fn(*args)
+                if spec == "pallas_mgpu_lse":
+                    out, lse = out
+                    got_lse = np.asarray(lse[:, rows][:, :, heads], np.float64)
+                    rec["lse_max_abs_err_f64"] = float(np.abs(got_lse - lse64).max())
+                    del lse
                 outf = out.astype(jnp.float32)
                 rec["finite"] = bool(jnp.isfinite(outf).all())
                 got = np.asarray(out[:, rows][:, :, heads], np.float64)
@@ -263,8 +281,8 @@ def run_worker(shape: str, specs: list[str], log: Path):
         with log.open("a") as f:
             f.write(json.dumps(rec) + "\n")
         print(json.dumps({k: rec.get(k) for k in ("shape", "backend", "ms", "tflops", "rel_err", "rel_err_f64",
-                                                   "rel_err_f64_of_rounded_inputs", "auto_choice", "skipped",
-                                                   "error")}), flush=True)
+                                                   "rel_err_f64_of_rounded_inputs", "lse_max_abs_err_f64",
+                                                   "auto_choice", "skipped", "error")}), flush=True)
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -285,6 +303,8 @@ def summarize(records: list[dict], card: str) -> str:
         err = f"{r['rel_err']:.1e}" if "rel_err" in r else ""
         e64 = f"{r['rel_err_f64']:.1e}" if "rel_err_f64" in r else ""
         note = r.get("error") or r.get("skipped") or (f"→ {r['auto_choice']}" if "auto_choice" in r else "")
+        if "lse_max_abs_err_f64" in r:
+            note = f"lse max abs err vs f64 {r['lse_max_abs_err_f64']:.1e} " + note
         if r.get("finite") is False:
             note = "NON-FINITE " + note
         lines.append(f"| {r['shape']} | {dims} | {r['backend']} | {ms} | {tf} | {err} | {e64} | "

@@ -33,6 +33,11 @@ natural order), V in e4m3 with one scale per head, transposed (keys last). 7.9-8
 at ~4% rel. L2 on random data; the 1.3B 480p forward 390 ms on an H200 and 397 on an H100, against 459-468
 exact (benchmarks/NOTES.md, session 6).
 
+With `return_lse` (exact mode) the kernel also writes each query row's log-sum-exp, the statistic ring attention
+merges key blocks by (sdjax.sharding.attention); each warpgroup stores its rows from registers (the long-key configs'
+K/V ring leaves no shared memory to stage them). At Wan-1.3B 480p it costs nothing measurable (10.144 vs 10.157 ms on
+an H200) and is within 1.5e-6 of float64's (benchmarks/NOTES.md, session 16).
+
 Ragged lengths cost nothing extra: TMA zero-fills rows read past the end of q/k/v and drops rows
 written past the end of o, so nothing is padded in memory (except token counts that are not multiples of
 8, or fewer keys than `stages` blocks: tiny copies); only the last key block is masked (keys at or past
@@ -62,6 +67,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 LOG2_E = math.log2(math.e)
+LN_2 = math.log(2.0)
 _ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per query row, laid out like a wgmma accumulator's rows
 _COL = plgpu.Layout.WGMMA.reduce(0)  # one value per key column
 
@@ -133,9 +139,12 @@ def _smem(shape, dtype):
 
 
 def flash_attention_mgpu(q, k, v, kv_len=None, *, key_bias=None, config: MgpuConfig | None = None,
-                         int8_qk: bool = False, fp8_pv: bool = False):
+                         int8_qk: bool = False, fp8_pv: bool = False, return_lse: bool = False):
     """softmax(q kᵀ / sqrt(H) [+ key_bias]) v on Hopper. q (B, T, N, H), k/v (B, S, N, H), kv_len (B,),
     key_bias (B, S) -> (B, T, N, H).
+
+    `return_lse` (exact mode): also return each row's log-sum-exp of its logits, (B, T, N) fp32 in natural-log
+    units — what merging attention over separate key blocks needs (ring attention).
 
     `config` defaults to `default_config(S)`, the fastest variant measured for that many keys (`FP8_PV_CONFIG`
     with `fp8_pv`).
@@ -151,6 +160,8 @@ def flash_attention_mgpu(q, k, v, kv_len=None, *, key_bias=None, config: MgpuCon
     qk_scales = None
     if fp8_pv and (not int8_qk or config.block_kv % 128 or config.overlap):
         raise ValueError(f"flash_attention_mgpu: fp8_pv needs int8_qk, 128-key blocks, no overlap; got {config}")
+    if return_lse and int8_qk:
+        raise ValueError("flash_attention_mgpu: return_lse only in exact mode (int8_qk=False, fp8_pv=False)")
     out_dtype = v.dtype
     if int8_qk:
         q, k, *qk_scales = quantize_qk_int8(q, k, config.block_q, config.block_kv, config.cluster)
@@ -171,7 +182,10 @@ def flash_attention_mgpu(q, k, v, kv_len=None, *, key_bias=None, config: MgpuCon
     if fp8_pv:
         v, v_scale = quantize_v_fp8(v)
     out = _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, S=S, stages=stages, config=config,
-                      out_dtype=out_dtype)
+                      out_dtype=out_dtype, with_lse=return_lse)
+    if return_lse:
+        out, lse = out
+        return out[:, :T], lse[:, :, :T].transpose(0, 2, 1)
     return out[:, :T] if out.shape[1] != T else out
 
 
@@ -320,8 +334,9 @@ def _pad_tokens(x, length: int):
 
 
 def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, *, S: int, stages: int, config: MgpuConfig,
-                out_dtype):
+                out_dtype, with_lse: bool = False):
     """The kernel proper; keys at or past S (or kv_len) are masked whatever k's padded length.
+    `with_lse`: returns (O, lse (B, N, T) fp32, natural log) instead of O.
     `key_bias` (B, S') fp32 in log2 units (S' = k's padded length), added to each key's logits, or None.
     `qk_scales` = (q_scale, k_scale) per block when q, k are int8 (`quantize_qk_int8`), else None;
     `v_scale` = V's per-head scale when v is fp8 (`quantize_v_fp8`), else None."""
@@ -350,7 +365,7 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, *, S: int, stages
         kv_end = jnp.clip(kv_len_ref[b], 1, S)
         return kv_end, (kv_end + block_kv - 1) // block_kv, kv_end // block_kv
 
-    def kernel(q_ref, k_ref, v_ref, kv_len_ref, bias_ref, scale_refs, v_scale_ref, o_ref, scoped):
+    def kernel(q_ref, k_ref, v_ref, kv_len_ref, bias_ref, scale_refs, v_scale_ref, o_ref, lse_ref, scoped):
         qi, h, b = lax.axis_index("q"), lax.axis_index("heads"), lax.axis_index("batch")
         wg = lax.axis_index("wg")
         if int8_qk:  # logit scales of key block j: the rows' q scales (x log2(e)/sqrt(H)) x block j's k scale
@@ -429,7 +444,7 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, *, S: int, stages
             carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry0)
             if ragged:
                 carry = lax.fori_loop(n_full, n_kv, functools.partial(body, masked=True), carry)
-            return carry[0], carry[2]
+            return carry
 
         def overlapped(q_smem, q_rows, carry0):
             """FA3 schedule: issue S_j = Q K_jᵀ and O += P_{j-1} V_{j-1}, softmax S_j while PV runs."""
@@ -471,16 +486,16 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, *, S: int, stages
                 carry = lax.fori_loop(1, first_masked, functools.partial(body, masked=False), (p, m, l))
                 if ragged:
                     carry = lax.fori_loop(first_masked, n_kv, functools.partial(body, masked=True), carry)
-                p_last, _, l_last = carry
+                p_last, m_last, l_last = carry
                 last = lax.rem(n_kv - 1, stages)
                 plgpu.barrier_wait(v_ready.at[last])
                 plgpu.wgmma(o_ref, p_last, v_smem.at[last])
                 plgpu.wgmma_wait(0)
                 plgpu.barrier_arrive(v_free.at[last])
-                return l_last
+                return m_last, l_last
 
-            acc, l = _run_scoped_acc(loop, (block_q, H))
-            return acc, l
+            acc, (m, l) = _run_scoped_acc(loop, (block_q, H))
+            return acc, m, l
 
         @pl.when(wg < 2)
         def _compute():
@@ -509,7 +524,7 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, *, S: int, stages
             if config.pingpong:
                 pl.when(wg == 1)(sched_sync)  # offsets warpgroup 1 by one phase
             run = overlapped if config.overlap else two_phase
-            acc, l = run(q_smem, q_rows, (acc, m, l))
+            acc, m, l = run(q_smem, q_rows, (acc, m, l))
             if config.pingpong:
                 pl.when(wg == 0)(sched_sync)  # balances the barrier's arrivals
             inv_l = 1.0 / l
@@ -519,6 +534,9 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, *, S: int, stages
             # Q is no longer needed: its buffer stages O for the TMA store (a buffer of its own if Q is int8)
             o_smem = int8_smem[0].at[wg] if int8_qk else q_smem
             o_smem[...] = acc.astype(dtype)
+            if with_lse:  # m is in the kernel's log2 units; l sums exp2(logit - m). Stored from registers:
+                # a staging buffer would not fit beside the long-key configs' K/V ring.
+                lse_ref.at[b, h, pl.ds(q_base, block_q)][...] = m * LN_2 + jnp.log(l)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, pl.ds(q_base, block_q), h])
             plgpu.wait_smem_to_gmem(0)
@@ -567,9 +585,11 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, *, S: int, stages
         kv_len_ref, rest = (rest[0], rest[1:]) if with_kv_len else (None, rest)
         bias_ref, rest = (rest[0], rest[1:]) if with_bias else (None, rest)
         scale_refs, rest = (rest[:2], rest[2:]) if int8_qk else (None, rest)
-        v_scale_ref, (o_ref,) = (rest[0], rest[1:]) if fp8_pv else (None, rest)
+        v_scale_ref, rest = (rest[0], rest[1:]) if fp8_pv else (None, rest)
+        o_ref, lse_ref = rest if with_lse else (rest[0], None)
         pl.run_scoped(
-            lambda *scoped: kernel(q_ref, k_ref, v_ref, kv_len_ref, bias_ref, scale_refs, v_scale_ref, o_ref, scoped),
+            lambda *scoped: kernel(q_ref, k_ref, v_ref, kv_len_ref, bias_ref, scale_refs, v_scale_ref, o_ref, lse_ref,
+                                   scoped),
             (_smem((2, block_q, H), q.dtype), _smem((stages, block_kv, H), k.dtype),
              _smem((stages, H, block_kv) if fp8_pv else (stages, block_kv, H), v.dtype),
              *([_smem((2, block_q, H), dtype), plgpu.SMEM((2, block_q), jnp.float32)] if int8_qk else []),
@@ -585,12 +605,16 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, *, S: int, stages
     args = (q, k, v) if kv_len is None else (q, k, v, kv_len.astype(jnp.int32))
     args += (key_bias,) if with_bias else ()
     args += (tuple(qk_scales) if int8_qk else ()) + ((v_scale,) if fp8_pv else ())
+    grid_q = pl.cdiv(T, 2 * block_q * config.cluster)
+    out_type = jax.ShapeDtypeStruct(q.shape, dtype)
+    if with_lse:  # rows of whole CTAs (plain stores are not clipped at T like TMA's), tokens last
+        out_type = (out_type, jax.ShapeDtypeStruct((B, N, grid_q * 2 * block_q * config.cluster), jnp.float32))
     return plgpu.kernel(
         entry,
-        out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+        out_type=out_type,
         # Pallas MGPU launches the last grid axis as CUDA's x (fastest): q-blocks vary fastest, so the
         # CTAs resident at once share one head's K/V in L2 (heads fastest cost 11% at 40 heads).
-        grid=(B, N, pl.cdiv(T, 2 * block_q * config.cluster)),
+        grid=(B, N, grid_q),
         grid_names=("batch", "heads", "q"),
         **(dict(cluster=(config.cluster,), cluster_names=("cluster",)) if clustered else {}),
         num_threads=3,

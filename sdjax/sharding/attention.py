@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from sdjax.config import ConfigError
-from sdjax.kernels.attention import AttentionBackendError, attention
+from sdjax.kernels import flash_mgpu
+from sdjax.kernels.attention import AttentionBackendError, attention, available_backends, choose_backend
 
 # A finite "minus infinity": a block whose keys are all padding gets weight exp(NEG - lse) = 0, never NaN.
 NEG = -1e30
@@ -104,7 +105,7 @@ def ring_attention(q, k, v, *, ring: int, true_len: int | None, backend: str = "
 
 
 # Ring attention merges blocks by their log-sum-exp, which only these kernels return.
-RING_BACKENDS = ("auto", "cudnn", "xla")
+RING_BACKENDS = ("auto", "pallas_mgpu", "cudnn", "xla")
 
 
 def check_ring_backend(backend: str, ring: int) -> None:
@@ -122,11 +123,32 @@ def block_attention(q, k, v, n_valid=None, *, backend: str = "auto"):
         raise AttentionBackendError(f"attention backend {backend!r} cannot run ring attention (it needs the "
                                     f"kernel's log-sum-exp); with ring > 1 use one of {', '.join(RING_BACKENDS)}")
     if backend == "auto":
-        on_gpu = jax.devices()[0].platform == "gpu"
-        backend = "cudnn" if on_gpu and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] <= 128 else "xla"
+        backend = ring_auto_backend(q, k)
+    if backend == "pallas_mgpu":
+        return _mgpu_block(q, k, v, n_valid)
     if backend == "cudnn":
         return _cudnn_block(q, k, v, n_valid)
     return _xla_block(q, k, v, n_valid)
+
+
+def ring_auto_backend(q, k) -> str:
+    """What `auto` runs for one ring block: the measured-fastest backend if it returns the log-sum-exp, else the
+    first of RING_BACKENDS that can run here."""
+    best = choose_backend(q, k)
+    if best in RING_BACKENDS:
+        return best
+    can = available_backends(q)
+    return next((b for b in ("pallas_mgpu", "cudnn") if b in can), "xla")
+
+
+def _mgpu_block(q, k, v, n_valid):
+    """Our Hopper kernel with its log-sum-exp."""
+    B = q.shape[0]
+    kv_len = None if n_valid is None else jnp.full((B,), jnp.maximum(n_valid, 1), jnp.int32)
+    out, lse = flash_mgpu.flash_attention_mgpu(q, k, v, kv_len, return_lse=True)
+    if n_valid is not None:  # a block of padding only: no weight
+        lse = jnp.where(n_valid > 0, lse, NEG)
+    return out.astype(jnp.float32), lse
 
 
 def _xla_block(q, k, v, n_valid, *, q_chunk: int = 2048):

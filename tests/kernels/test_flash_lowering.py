@@ -42,6 +42,28 @@ def test_mgpu_kernel_lowers_for_cuda(config, shape):
     assert ("multicast" in module and "mapa.shared::cluster" in module) == (config.cluster > 1)
 
 
+@pytest.mark.parametrize("config", [MgpuConfig(), MgpuConfig(overlap=True), flash_mgpu.LONG_KV_CONFIG],
+                         ids=["pingpong", "overlap", "long_kv_cluster2"])
+def test_mgpu_kernel_with_log_sum_exp_lowers_for_cuda(config):
+    """The exact kernel also returns each row's log-sum-exp (B, T, N) fp32 (ring attention's merge), written from
+    registers: the long-key configs' K/V ring leaves no shared memory to stage it (the test's 1000 x 1000 shape
+    takes their 2 stages of 192 keys)."""
+    B, T, S, N, H = 2, 1000, 1000, 2, 128
+    q = jax.ShapeDtypeStruct((B, T, N, H), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((B, S, N, H), jnp.bfloat16)
+    lengths = jax.ShapeDtypeStruct((B,), jnp.int32)
+    fn = jax.jit(lambda q, k, v, l: flash_attention_mgpu(q, k, v, l, config=config, return_lse=True))
+    exported = jax.export.export(fn, platforms=["cuda"])(q, kv, kv, lengths)
+    assert [(a.shape, a.dtype) for a in exported.out_avals] == [((B, T, N, H), jnp.bfloat16), ((B, T, N), jnp.float32)]
+    assert "mosaic_gpu" in exported.mlir_module()
+
+
+def test_mgpu_log_sum_exp_only_in_exact_mode():
+    q = jnp.zeros((1, 64, 1, 128), jnp.bfloat16)
+    with pytest.raises(ValueError, match="return_lse only in exact mode"):
+        flash_attention_mgpu(q, q, q, int8_qk=True, return_lse=True)
+
+
 @pytest.mark.parametrize("config", [MgpuConfig(), flash_mgpu.SHORT_KV_CONFIG], ids=["pingpong", "overlap"])
 @pytest.mark.parametrize("S, kv_len", [(128, False), (300, True)], ids=["one_block", "kv_len"])
 def test_mgpu_kernel_with_key_bias_lowers_for_cuda(config, S, kv_len):

@@ -14,7 +14,7 @@ from sdjax.config import ConfigError, SystemConfig
 from sdjax.kernels.attention import attention
 from sdjax.models.wan import load_transformer
 from sdjax.sharding import launch, make_mesh, mesh_for, multihost, shard_transformer
-from sdjax.sharding.attention import NEG, _xla_block, check_ring_backend
+from sdjax.sharding.attention import NEG, _xla_block, check_ring_backend, ring_auto_backend
 from tests.conftest import FIXTURES, rel_l2
 
 DIT = FIXTURES / "wan_dit"
@@ -63,10 +63,19 @@ def test_shard_map_path_on_a_one_device_mesh_matches_diffusers(shard_weights):
 
 
 def test_ring_needs_a_kernel_that_returns_the_log_sum_exp():
-    with pytest.raises(ConfigError, match="attention_backend='pallas_mgpu' is not allowed with ring=2"):
-        check_ring_backend("pallas_mgpu", 2)
-    check_ring_backend("pallas_mgpu", 1)  # Ulysses alone runs any kernel
+    with pytest.raises(ConfigError, match="attention_backend='pallas_triton' is not allowed with ring=2"):
+        check_ring_backend("pallas_triton", 2)
+    with pytest.raises(ConfigError, match="attention_backend='pallas_mgpu_int8' is not allowed with ring=2"):
+        check_ring_backend("pallas_mgpu_int8", 2)  # the lossy modes stay single-block
+    check_ring_backend("pallas_triton", 1)  # Ulysses alone runs any kernel
     check_ring_backend("cudnn", 4)
+    check_ring_backend("pallas_mgpu", 4)
+
+
+def test_ring_auto_runs_a_kernel_with_a_log_sum_exp():
+    q = jnp.zeros((1, 64, 2, 64), jnp.float32)
+    assert ring_auto_backend(q, q) == "xla"  # CPU: the only one here
+    assert ring_auto_backend(q.astype(jnp.bfloat16), q.astype(jnp.bfloat16)) == "xla"  # not pallas_triton
 
 
 # ------------------------------------------------------------------------------------------ ring pieces
