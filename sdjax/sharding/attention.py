@@ -9,7 +9,8 @@ tokens, the same numbers as one device (fp32: to rounding).
    divide U are padded with zero heads (12 heads on 8 devices: 16), which are dropped afterwards.
 2. Ring (axis "ring", size R): each device keeps its queries and passes its K/V block to the next device R-1
    times (`ppermute`); the block results are merged with an online softmax on their log-sum-exp, in fp32.
-   The next block's transfer is issued before the current block's compute so the two overlap.
+   The next block's transfer does not wait for the current block's compute, but on GPUs it was measured not to
+   overlap it (benchmarks/NOTES.md, session 16).
 3. The inverse all-to-all gives each device its own tokens back, all heads.
 
 Tokens that do not divide P are padded at the end of the sequence by the caller; `true_len` masks them as
@@ -88,7 +89,7 @@ def ring_attention(q, k, v, *, ring: int, true_len: int | None, backend: str = "
 
     def step(s, carry):
         k, v, out, lse = carry
-        # The next block's transfer does not depend on this block's compute: XLA runs them concurrently.
+        # The next block's transfer does not depend on this block's compute (XLA may schedule it alongside).
         k_next, v_next = (jax.lax.ppermute(t, "ring", perm) if comm else t for t in (k, v))
         out, lse = merge(out, lse, *attend_block(s, k, v))
         return k_next, v_next, out, lse
