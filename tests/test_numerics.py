@@ -14,6 +14,7 @@ from sdjax.models.wan.loading import abstract_transformer
 from sdjax.models.wan.transformer import WanTransformerConfig
 from sdjax.models.wan.vae import load_vae
 from sdjax.numerics import GEMM_COMPILER_OPTIONS
+from sdjax.sharding.attention import _xla_block
 from tests.conftest import FIXTURES
 
 OPS = re.compile(r"stablehlo\.(dot_general|convolution)[^\n]*")
@@ -37,12 +38,15 @@ def lowered(name: str, dtype: str) -> str:
         m = load_text_encoder(FIXTURES / "umt5_tiny", dtype=dtype)
         ids, mask = jnp.ones((1, 6), jnp.int32), jnp.ones((1, 6), bool)
         return jax.jit(lambda m, i, k: m(i, k)).lower(m, ids, mask).as_text()
+    if name == "ring_block":  # ring attention's XLA path over one K/V block (fp32 on any device)
+        q = jnp.zeros((1, 5, 2, 8), dtype)
+        return jax.jit(lambda q: _xla_block(q, q, q, jnp.int32(3))).lower(q).as_text()
     m = load_vae(FIXTURES / "wan_vae_tiny", dtype=dtype)
     z = jnp.zeros((1, m.config.z_dim, 2, 4, 4))
     return jax.jit(lambda m, z: m.decode(z)).lower(m, z).as_text()
 
 
-@pytest.mark.parametrize("name", ["dit", "umt5", "vae"])
+@pytest.mark.parametrize("name", ["dit", "umt5", "vae", "ring_block"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_fp32_matmuls_ask_for_full_precision_and_bf16_ones_do_not(name, dtype):
     ops = matmuls(lowered(name, dtype))

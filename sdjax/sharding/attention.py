@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from sdjax.config import ConfigError
 from sdjax.kernels import flash_mgpu
 from sdjax.kernels.attention import AttentionBackendError, attention, available_backends, choose_backend
+from sdjax.numerics import matmul_precision
 
 # A finite "minus infinity": a block whose keys are all padding gets weight exp(NEG - lse) = 0, never NaN.
 NEG = -1e30
@@ -157,16 +158,18 @@ def _xla_block(q, k, v, n_valid, *, q_chunk: int = 2048):
     B, T, N, K = q.shape
     S = k.shape[1]
     scale = 1.0 / math.sqrt(K)
+    prec = matmul_precision(q.dtype)  # fp32 parity mode: no TF32 on GPUs
     valid = None if n_valid is None else jnp.arange(S) < n_valid  # (S,)
 
     def one_chunk(qc):  # (B, C, N, K)
-        s = jnp.einsum("bqnh,bknh->bnqk", qc, k, preferred_element_type=jnp.float32) * scale
+        s = jnp.einsum("bqnh,bknh->bnqk", qc, k, preferred_element_type=jnp.float32, precision=prec) * scale
         if valid is not None:
             s = jnp.where(valid, s, NEG)
         m = s.max(-1, keepdims=True)
         p = jnp.exp(s - m)
         l = p.sum(-1, keepdims=True)
-        o = jnp.einsum("bnqk,bknh->bqnh", (p / l).astype(v.dtype), v, preferred_element_type=jnp.float32)
+        o = jnp.einsum("bnqk,bknh->bqnh", (p / l).astype(v.dtype), v, preferred_element_type=jnp.float32,
+                       precision=prec)
         return o, (m + jnp.log(l))[..., 0].transpose(0, 2, 1)  # lse (B, C, N)
 
     if T <= q_chunk:
