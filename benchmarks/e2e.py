@@ -1,6 +1,7 @@
-"""End-to-end Wan-1.3B text-to-video on one GPU with random weights: text encode + denoise + decode.
+"""End-to-end Wan-1.3B text-to-video with random weights: text encode + denoise + decode.
 
     python benchmarks/e2e.py [--steps 2] [--height 480 --width 832 --frames 81] [--guidance 5.0]
+    python benchmarks/e2e.py --steps 50 --cfg-parallel 2          # on 2 GPUs (system params, as the CLI's)
 
 Builds the real-size pipeline (UMT5-XXL, the 1.3B DiT, the Wan VAE) with random bf16 weights made on the
 device, warms it up (compile), then times one generation per stage and records peak memory.
@@ -34,16 +35,21 @@ from sdjax.models.wan.loading import abstract_transformer
 from sdjax.models.wan.transformer import WanTransformerConfig
 from sdjax.models.wan.vae import AutoencoderKLWan, WanVAEConfig
 from sdjax.pipeline import Pipeline
+from sdjax.sharding import make_mesh, shard_transformer
 
 TOKENIZER = "tests/fixtures/tokenizer_tiny/tokenizer.json"
 PROMPT = "a red circle moves left on a black background"  # real UMT5 vocabulary is not shipped; ids suffice
 
 
-def build(model: str, backend: str, residual_dtype: str | None = None) -> Pipeline:
+def build(model: str, backend: str, residual_dtype: str | None = None, layout: dict | None = None) -> Pipeline:
+    """`layout`: SystemConfig's cfg_parallel / ulysses / ring (the DiT placed on that mesh, the decode split on it)."""
     cfg = ModelConfig.named(model)
-    system = SystemConfig(dtype="bfloat16", residual_dtype=residual_dtype, attention_backend=backend)
+    system = SystemConfig(dtype="bfloat16", residual_dtype=residual_dtype, attention_backend=backend,
+                          **(layout or {}))
     dit = random_like(abstract_transformer(WanTransformerConfig.from_dict(cfg.transformer), "bfloat16", backend,
                                            residual_dtype=residual_dtype))
+    if system.num_devices > 1:
+        shard_transformer(dit, make_mesh(system))
     te_cfg = UMT5Config.from_dict(cfg.text_encoder)
     text_encoder = random_like(nnx.eval_shape(lambda: UMT5Encoder(te_cfg, dtype="bfloat16", rngs=nnx.Rngs(0))))
     vae_cfg = WanVAEConfig.from_dict(cfg.vae)
@@ -93,6 +99,8 @@ def main():
                    help="A/B: a block's residual adds + LayerNorms through XLA, not our one-pass kernel")
     p.add_argument("--no-text-fold", action="store_true",
                    help="A/B: the cross-attention on the whole padded text (pipeline.TEXT_FOLD_ROWS = 0)")
+    for axis in ("cfg-parallel", "ulysses", "ring"):
+        p.add_argument(f"--{axis}", type=int, default=1, help="system param: the layout's degree (product = GPUs)")
     p.add_argument("--warmup", choices=("service", "runs"), default="service",
                    help="service: compile every solver, cache policy and text form as the service does at start-up "
                    "(its time is reported); runs: only what the timed runs use (a 2-step run of each, ~4x less on "
@@ -105,7 +113,8 @@ def main():
     use_key_bias_backend(args.key_bias_backend)
     use_xla_residual_norm(args.xla_residual_norm)
     t0 = time.perf_counter()
-    pipe = build(args.model, args.backend, args.residual_dtype)
+    layout = dict(cfg_parallel=args.cfg_parallel, ulysses=args.ulysses, ring=args.ring)
+    pipe = build(args.model, args.backend, args.residual_dtype, layout)
     build_s = time.perf_counter() - t0
     rows = []
     kw = dict(height=args.height, width=args.width, num_frames=args.frames, guidance_scale=args.guidance, seed=0)
@@ -123,7 +132,8 @@ def main():
         with GpuSampler() as gpu:  # the clock a 50-step run holds (power-capped cards slow down under load)
             r = pipe(PROMPT, **run)
         t = r.info["timings"]
-        rows.append({"model": args.model, "size": f"{args.width}x{args.height}x{args.frames}", "steps": steps,
+        rows.append({"model": args.model, "size": f"{args.width}x{args.height}x{args.frames}",
+                     "layout": "c{cfg_parallel}u{ulysses}r{ring}".format(**layout), "steps": steps,
                      "cache": f"{r.info['params']['cache']['policy']}:{r.info['params']['cache']['threshold']:g}",
                      "computed": r.info["steps_computed"], "cfg": args.guidance > 1,
                      "residual": args.residual_dtype or "bfloat16",

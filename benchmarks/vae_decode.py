@@ -1,7 +1,7 @@
 """Wan VAE decode on one GPU: sdjax (fp32 / bf16, latent frames per scan step) against diffusers.
 
     python benchmarks/vae_decode.py [--sizes 480x832,720x1280] [--per-step 1,3] [--layouts nhwc,xla] [--no-diffusers]
-                                    [--transfer]
+                                    [--transfer [--devices 1,2]]
 
 Random weights (real architecture), 81 frames (21 latent frames). Reports seconds and peak memory.
 `--transfer`: the pipeline's decode to frames (`jit_decode_frames`) with the frames copied to the host as float32
@@ -23,37 +23,53 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from benchmarks.common import random_like, timed, torch_timing, write_results
-from sdjax.config import ModelConfig
+from sdjax.config import ModelConfig, SystemConfig
 from sdjax.models.wan.vae import COMPILER_OPTIONS, AutoencoderKLWan, WanVAEConfig
 from sdjax.pipeline import jit_decode_frames
+from sdjax.sharding import AXES, make_mesh
+from sdjax.sharding.vae import shard_vae
 
 
-def bench_transfer(cfg, h, w) -> list[dict]:
-    """Seconds of the pipeline's decode to frames: on the device alone, and with the frames copied to the host."""
-    vae = random_like(nnx.eval_shape(lambda: AutoencoderKLWan(cfg, dtype=jnp.bfloat16)), scale=0.05)
+def bench_transfer(cfg, h, w, devices: int = 1) -> list[dict]:
+    """Seconds of the pipeline's decode to frames: on the device alone, and with the frames copied to the host.
+    `devices` > 1: the decode split over that many GPUs (the pipeline's on a mesh), and its frames gathered on the
+    devices first (one replicated array) against the host assembling them from the split."""
+    mesh = None if devices == 1 else make_mesh(SystemConfig(ulysses=devices), jax.devices()[:devices])
+    vae = shard_vae(random_like(nnx.eval_shape(lambda: AutoencoderKLWan(cfg, dtype=jnp.bfloat16)), scale=0.05),
+                    mesh)
     z = jax.random.normal(jax.random.key(0), (1, cfg.z_dim, 21, h // 8, w // 8), jnp.float32)
-    frames = jit_decode_frames()
-    pinned = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
-    frames_pinned = jax.jit(frames.__wrapped__, compiler_options=COMPILER_OPTIONS, out_shardings=pinned)
+    frames = jit_decode_frames(mesh)
     as_u8 = jax.jit(lambda f: jnp.round(f * 255).astype(jnp.uint8))
-    as_f16 = jax.jit(lambda f: f.astype(jnp.float16))
     ways = {
         "device only": lambda: jax.block_until_ready(frames(vae, z)),
         "float32 to host (the pipeline's)": lambda: np.asarray(frames(vae, z)),
-        "float32, the program's output in pinned host memory": lambda: np.asarray(frames_pinned(vae, z)),
         "uint8 to host": lambda: np.asarray(as_u8(frames(vae, z))),
-        "float16 to host, then float32": lambda: np.asarray(as_f16(frames(vae, z))).astype(np.float32),
     }
-    same = np.array_equal(ways["float32 to host (the pipeline's)"](), ways[
-        "float32, the program's output in pinned host memory"]())
+    if mesh is None:
+        pinned = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
+        frames_pinned = jax.jit(frames.__wrapped__, compiler_options=COMPILER_OPTIONS, out_shardings=pinned)
+        as_f16 = jax.jit(lambda f: f.astype(jnp.float16))
+        ways["float32, the program's output in pinned host memory"] = lambda: np.asarray(frames_pinned(vae, z))
+        ways["float16 to host, then float32"] = lambda: np.asarray(as_f16(frames(vae, z))).astype(np.float32)
+        other = "float32, the program's output in pinned host memory"
+    else:
+        gathered = jax.jit(frames.__wrapped__, compiler_options=COMPILER_OPTIONS,
+                           out_shardings=NamedSharding(mesh, PartitionSpec()))
+        by_frame = jax.jit(lambda v, z: jax.lax.with_sharding_constraint(
+            frames.__wrapped__(v, z), NamedSharding(mesh, PartitionSpec(AXES))), compiler_options=COMPILER_OPTIONS)
+        ways["float32 gathered on the devices, then to host"] = lambda: np.asarray(gathered(vae, z))
+        ways["float32 split over frames on the devices, then to host"] = lambda: np.asarray(by_frame(vae, z))
+        other = "float32 split over frames on the devices, then to host"
+    same = np.array_equal(ways["float32 to host (the pipeline's)"](), ways[other]())
     rows = []
     for what, fn in ways.items():
         fn()
-        rows.append({"size": f"{w}x{h}x81", "dtype": "bfloat16", "what": what,
+        rows.append({"size": f"{w}x{h}x81", "dtype": "bfloat16", "devices": devices, "what": what,
                      "sdjax_s": float(np.median(timed(fn, warmup=1, iters=3))),
-                     "frames_equal": same if "pinned" in what else None})
+                     "frames_equal": same if what == other else None})
         print(rows[-1], flush=True)
     return rows
 
@@ -98,6 +114,7 @@ def main():
     p.add_argument("--layouts", default="nhwc", help="comma-separated: nhwc (the pipeline's COMPILER_OPTIONS), "
                                                       "xla (XLA's own conv layouts)")
     p.add_argument("--transfer", action="store_true", help="also time the frames' copy to the host")
+    p.add_argument("--devices", default="1", help="--transfer on these GPU counts (comma list; > 1: split decode)")
     p.add_argument("--tag", default="", help="suffix of the result file name (runs in one call must not share one)")
     args = p.parse_args()
     cfg = WanVAEConfig.from_dict(ModelConfig.named("wan2.1-t2v-1.3b").vae)
@@ -125,7 +142,8 @@ def main():
             rows.append(row)
             print(row, flush=True)
         if args.transfer:
-            rows += bench_transfer(cfg, h, w)
+            for n in map(int, args.devices.split(",")):
+                rows += bench_transfer(cfg, h, w, n)
     write_results("vae_decode" + (f"_{args.tag}" if args.tag else ""), rows,
                   "Wan VAE decode, random weights, 81 frames (21 latent frames), B=1.")
 
