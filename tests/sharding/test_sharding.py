@@ -97,6 +97,34 @@ def test_block_attention_gives_output_and_log_sum_exp(n_valid):
     assert rel_l2(lse, ref_lse) <= 1e-6
 
 
+@pytest.mark.parametrize("n_valid", [None, 5, 0])
+def test_ring_block_on_our_hopper_kernel_masks_by_kv_len(monkeypatch, n_valid):
+    """The kernel runs on Hopper only, so its call is stood in for by the XLA block here: what is checked is the
+    glue — the valid keys become the kernel's kv_len (at least 1: the kernel clips to 1), and a block of padding
+    only gets lse = NEG (no weight in the merge)."""
+    from sdjax.sharding import attention as ring_module
+
+    seen = {}
+
+    def kernel(q, k, v, kv_len, return_lse):
+        assert return_lse
+        seen["kv_len"] = None if kv_len is None else np.asarray(kv_len)
+        out, lse = _xla_block(q, k, v, None if kv_len is None else kv_len[0])
+        return out.astype(q.dtype), lse
+
+    monkeypatch.setattr(ring_module.flash_mgpu, "flash_attention_mgpu", kernel)
+    rng = np.random.default_rng(2)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 6, 3, 8)), jnp.bfloat16) for _ in range(3))
+    out, lse = ring_module.block_attention(q, k, v, None if n_valid is None else jnp.int32(n_valid),
+                                           backend="pallas_mgpu")
+    assert out.dtype == lse.dtype == jnp.float32 and lse.shape == (2, 6, 3)
+    if n_valid is None:
+        assert seen["kv_len"] is None
+    else:
+        assert seen["kv_len"].tolist() == [max(n_valid, 1)] * 2
+    assert np.all(np.asarray(lse) < NEG / 2) == (n_valid == 0)
+
+
 def test_merging_two_blocks_by_log_sum_exp_is_attention_over_both():
     rng = np.random.default_rng(1)
     q, k, v = (jnp.asarray(rng.standard_normal((1, 5, 2, 8)), jnp.float32) for _ in range(3))
