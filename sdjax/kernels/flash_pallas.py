@@ -1,6 +1,7 @@
 """Flash-attention forward in Pallas: the portable kernels (Triton lowering for GPUs, Mosaic TPU).
 
-Both compute softmax(q kᵀ / sqrt(H)) v with an online softmax in fp32 and never form the T x S matrix.
+Both compute softmax(q kᵀ / sqrt(H)) v with an online softmax in fp32 and never form the T x S matrix, and
+with `return_lse` also each query row's log-sum-exp (what ring attention merges key blocks by).
 Layout at the boundary is (B, T, N, H) like `sdjax.kernels.attention.attention`; keys at or past
 `kv_end[b]` (the real key count of row b) are masked. Sequence lengths need not be block multiples: the
 inputs are zero-padded to whole blocks here and the padded keys are masked in the kernel (Wan's 32,760
@@ -23,6 +24,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
 LOG2_E = math.log2(math.e)
+LN_2 = math.log(2.0)
 
 
 def _round_up(x: int, m: int) -> int:
@@ -46,7 +48,7 @@ def kv_end_of(kv_len, B: int, S: int):
 # ------------------------------------------------------------------------------------------ Triton (GPU)
 
 
-def _triton_kernel(kv_end_ref, q_ref, k_ref, v_ref, o_ref, *, block_k: int, ragged: bool):
+def _triton_kernel(kv_end_ref, q_ref, k_ref, v_ref, o_ref, *lse_ref, block_k: int, ragged: bool):
     """One (batch, head, q-block) program: loop over key blocks with an online softmax (base 2)."""
     q = q_ref[...]  # (Bq, H)
     block_q, H = q.shape
@@ -76,15 +78,19 @@ def _triton_kernel(kv_end_ref, q_ref, k_ref, v_ref, o_ref, *, block_k: int, ragg
     carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
     if ragged:
         carry = lax.fori_loop(n_full, pl.cdiv(kv_end, block_k), functools.partial(body, masked=True), carry)
-    acc, _, l = carry
+    acc, m, l = carry
     o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
+    if lse_ref:  # m is in log2 units
+        lse_ref[0][...] = m * LN_2 + jnp.log(l)
 
 
 def flash_attention_triton(q, k, v, kv_len=None, *, block_q: int = 128, block_k: int = 64,
-                           num_warps: int = 4, num_stages: int = 2, interpret: bool = False):
+                           num_warps: int = 4, num_stages: int = 2, interpret: bool = False,
+                           return_lse: bool = False):
     """Pallas flash attention through the Triton lowering (any CUDA GPU; `interpret=True` on CPU).
 
-    q (B, T, N, H), k/v (B, S, N, H), kv_len (B,) int or None -> (B, T, N, H) in q's dtype.
+    q (B, T, N, H), k/v (B, S, N, H), kv_len (B,) int or None -> (B, T, N, H) in q's dtype; with `return_lse`
+    also the rows' log-sum-exp of their logits, (B, T, N) fp32.
     """
     B, T, N, H = q.shape
     S = k.shape[1]
@@ -98,27 +104,35 @@ def flash_attention_triton(q, k, v, kv_len=None, *, block_q: int = 128, block_k:
     kernel = functools.partial(_triton_kernel, block_k=block_k, ragged=ragged)
     q_spec = pl.BlockSpec((None, block_q, None, H), lambda b, n, i: (b, i, n, 0))
     kv_spec = pl.BlockSpec((None, Sp, None, H), lambda b, n, i: (b, 0, n, 0))
+    out_specs, out_shape = q_spec, jax.ShapeDtypeStruct((B, Tp, N, H), q.dtype)
+    if return_lse:
+        out_specs = (q_spec, pl.BlockSpec((None, block_q, None), lambda b, n, i: (b, i, n)))
+        out_shape = (out_shape, jax.ShapeDtypeStruct((B, Tp, N), jnp.float32))
     out = pl.pallas_call(
         kernel,
         grid=(B, N, Tp // block_q),
         in_specs=[pl.BlockSpec((B,), lambda b, n, i: (0,)), q_spec, kv_spec, kv_spec],
-        out_specs=q_spec,
-        out_shape=jax.ShapeDtypeStruct((B, Tp, N, H), q.dtype),
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="sdjax_flash_triton",
     )(kv_end, qp, kp, vp)
+    if return_lse:
+        return out[0][:, :T], out[1][:, :T]
     return out[:, :T] if Tp != T else out
 
 
 # ------------------------------------------------------------------------------------------ Mosaic TPU
 
 
-def _tpu_kernel(kv_end_ref, q_ref, k_ref, v_ref, o_ref, m_sc, l_sc, acc_sc, *, block_k: int):
+def _tpu_kernel(kv_end_ref, q_ref, k_ref, v_ref, o_ref, *rest, block_k: int):
     """Grid (B, N, q-block, k-block); the k-block axis is sequential and carries m, l, acc in VMEM.
 
-    m and l are kept lane-replicated (block_q, 128) as TPU vregs are (8, 128) tiles.
+    m and l are kept lane-replicated (block_q, 128) as TPU vregs are (8, 128) tiles. `rest` is
+    ([lse_ref,] m_sc, l_sc, acc_sc).
     """
+    *lse_ref, m_sc, l_sc, acc_sc = rest
     b, j = pl.program_id(0), pl.program_id(3)
     kv_end = kv_end_ref[b]
 
@@ -148,13 +162,16 @@ def _tpu_kernel(kv_end_ref, q_ref, k_ref, v_ref, o_ref, m_sc, l_sc, acc_sc, *, b
     @pl.when(j == pl.num_programs(3) - 1)
     def _finish():
         o_ref[...] = (acc_sc[...] / l_sc[...][:, :1]).astype(o_ref.dtype)
+        if lse_ref:
+            lse_ref[0][...] = (m_sc[...] + jnp.log(l_sc[...]))[:, :1]
 
 
 def flash_attention_tpu(q, k, v, kv_len=None, *, block_q: int = 512, block_k: int = 512,
-                        interpret: bool = False):
+                        interpret: bool = False, return_lse: bool = False):
     """Pallas flash attention through the Mosaic TPU lowering (`interpret=True` runs it on CPU).
 
-    q (B, T, N, H), k/v (B, S, N, H), kv_len (B,) int or None -> (B, T, N, H) in q's dtype.
+    q (B, T, N, H), k/v (B, S, N, H), kv_len (B,) int or None -> (B, T, N, H) in q's dtype; with `return_lse`
+    also the rows' log-sum-exp of their logits, (B, T, N) fp32 (written as (…, block_q, 1) blocks: a full last dim).
     Heads move next to batch ((B, N, T, H)) so each block's last two dims are (tokens, H) as TPU tiles want.
     """
     B, T, N, H = q.shape
@@ -172,20 +189,27 @@ def flash_attention_tpu(q, k, v, kv_len=None, *, block_q: int = 512, block_k: in
 
     q_spec = pl.BlockSpec((None, None, block_q, H), lambda b, n, i, j, kv_end_ref: (b, n, i, 0))
     kv_spec = pl.BlockSpec((None, None, block_k, H), kv_index)
+    out_specs, out_shape = q_spec, jax.ShapeDtypeStruct((B, N, Tp, H), q.dtype)
+    if return_lse:
+        out_specs = (q_spec, pl.BlockSpec((None, None, block_q, 1), lambda b, n, i, j, kv_end_ref: (b, n, i, 0)))
+        out_shape = (out_shape, jax.ShapeDtypeStruct((B, N, Tp, 1), jnp.float32))
     out = pl.pallas_call(
         functools.partial(_tpu_kernel, block_k=block_k),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1,
             grid=(B, N, Tp // block_q, Sp // block_k),
             in_specs=[q_spec, kv_spec, kv_spec],
-            out_specs=q_spec,
+            out_specs=out_specs,
             scratch_shapes=[pltpu.VMEM((block_q, 128), jnp.float32), pltpu.VMEM((block_q, 128), jnp.float32),
                             pltpu.VMEM((block_q, H), jnp.float32)],
         ),
-        out_shape=jax.ShapeDtypeStruct((B, N, Tp, H), q.dtype),
+        out_shape=out_shape,
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=interpret,
         name="sdjax_flash_tpu",
     )(kv_end, qt, kt, vt)
+    if return_lse:
+        out, lse = out
+        return out.transpose(0, 2, 1, 3)[:, :T], lse[..., 0].transpose(0, 2, 1)[:, :T]
     return out.transpose(0, 2, 1, 3)[:, :T]

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from sdjax.config import ConfigError
-from sdjax.kernels import flash_mgpu
+from sdjax.kernels import flash_mgpu, flash_pallas
 from sdjax.kernels.attention import AttentionBackendError, attention, available_backends, choose_backend
 from sdjax.numerics import matmul_precision
 
@@ -106,8 +106,9 @@ def ring_attention(q, k, v, *, ring: int, true_len: int | None, backend: str = "
 # ------------------------------------------------------------------------------------- one K/V block
 
 
-# Ring attention merges blocks by their log-sum-exp, which only these kernels return.
-RING_BACKENDS = ("auto", "pallas_mgpu", "cudnn", "xla")
+# Ring attention merges blocks by their log-sum-exp, which only these kernels return ("pallas": ours for the
+# platform — the Hopper kernel, Triton elsewhere on GPUs, the Mosaic TPU kernel on TPUs).
+RING_BACKENDS = ("auto", "pallas", "pallas_mgpu", "pallas_triton", "cudnn", "xla")
 
 
 def check_ring_backend(backend: str, ring: int) -> None:
@@ -126,8 +127,8 @@ def block_attention(q, k, v, n_valid=None, *, backend: str = "auto"):
                                     f"kernel's log-sum-exp); with ring > 1 use one of {', '.join(RING_BACKENDS)}")
     if backend == "auto":
         backend = ring_auto_backend(q, k)
-    if backend == "pallas_mgpu":
-        return _mgpu_block(q, k, v, n_valid)
+    if backend.startswith("pallas"):
+        return _kernel_block(_pallas_kernel(backend, q), q, k, v, n_valid)
     if backend == "cudnn":
         return _cudnn_block(q, k, v, n_valid)
     return _xla_block(q, k, v, n_valid)
@@ -135,19 +136,33 @@ def block_attention(q, k, v, n_valid=None, *, backend: str = "auto"):
 
 def ring_auto_backend(q, k) -> str:
     """What `auto` runs for one ring block: the measured-fastest backend if it returns the log-sum-exp, else the
-    first of RING_BACKENDS that can run here."""
+    platform's best one that does."""
     best = choose_backend(q, k)
     if best in RING_BACKENDS:
         return best
     can = available_backends(q)
-    return next((b for b in ("pallas_mgpu", "cudnn") if b in can), "xla")
+    # on TPUs our kernel where splash (no log-sum-exp) would run; never an interpreted kernel on a CPU
+    order = {"gpu": ("pallas_mgpu", "cudnn"), "tpu": ("pallas",)}.get(jax.devices()[0].platform, ())
+    return next((b for b in order if b in can), "xla")
 
 
-def _mgpu_block(q, k, v, n_valid):
-    """Our Hopper kernel with its log-sum-exp."""
+def _pallas_kernel(backend: str, q):
+    """Our kernel behind a `pallas*` backend name: fn(q, k, v, kv_len, return_lse=True) -> (out, lse)."""
+    platform = jax.devices()[0].platform
+    if backend == "pallas":
+        if platform == "tpu":
+            return flash_pallas.flash_attention_tpu
+        backend = "pallas_mgpu" if "pallas_mgpu" in available_backends(q) else "pallas_triton"
+    if backend == "pallas_mgpu":
+        return flash_mgpu.flash_attention_mgpu
+    return partial(flash_pallas.flash_attention_triton, interpret=platform == "cpu")
+
+
+def _kernel_block(kernel, q, k, v, n_valid):
+    """One of our kernels with its log-sum-exp."""
     B = q.shape[0]
     kv_len = None if n_valid is None else jnp.full((B,), jnp.maximum(n_valid, 1), jnp.int32)
-    out, lse = flash_mgpu.flash_attention_mgpu(q, k, v, kv_len, return_lse=True)
+    out, lse = kernel(q, k, v, kv_len, return_lse=True)
     if n_valid is not None:  # a block of padding only: no weight
         lse = jnp.where(n_valid > 0, lse, NEG)
     return out.astype(jnp.float32), lse

@@ -80,6 +80,26 @@ def test_tpu_kernel_several_key_blocks_interpret():
     check(out, q, k, v, [260], seed, TOL[jnp.bfloat16])
 
 
+@pytest.mark.parametrize("kernel", ["triton", "tpu"])
+@pytest.mark.parametrize("case", [CASES[1], CASES[3]])
+def test_portable_kernels_return_the_log_sum_exp(kernel, case):
+    """`return_lse`: each row's log-sum-exp of its (unmasked) logits, (B, T, N) fp32 — ring attention's merge
+    statistic — within 1e-5 (absolute) of float64's on the same rounded inputs; the output is unchanged."""
+    B, T, S, N, H, kv = case
+    seed, q, k, v = random_qkv(B, T, S, N, H, jnp.bfloat16)
+    kv_len = None if kv is None else jnp.asarray(kv)
+    if kernel == "triton":
+        run = lambda **kw: flash_attention_triton(q, k, v, kv_len, block_q=32, block_k=32, interpret=True, **kw)
+    else:
+        run = lambda **kw: flash_attention_tpu(q, k, v, kv_len, block_q=128, block_k=128, interpret=True, **kw)
+    out, lse = run(return_lse=True)
+    assert lse.shape == (B, T, N) and lse.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(run(), np.float32))
+    _, ref_lse = reference_f64(q, k, v, kv, return_lse=True)
+    err = np.abs(np.asarray(lse, np.float64) - ref_lse).max()
+    assert err < 1e-5, f"lse max abs err {err:.2e} (seed {seed})"
+
+
 def test_splash_interpret_matches_f64():
     seed, q, k, v = random_qkv(2, 70, 300, 2, 128, jnp.bfloat16)
     out = splash_attention(q, k, v, jnp.asarray([300, 33]), block_q=128, block_kv=128, interpret=True)

@@ -6,6 +6,8 @@ layouts, barriers, TMA slices) for both schedules, ragged lengths and kv_len, an
 TPU modules of the portable kernels. Final compilation (ptxas / libtpu) needs the device.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -121,15 +123,19 @@ def _abstract_device(kind, platform):
     return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device))
 
 
-def test_triton_kernel_lowers_for_cuda():
+@pytest.mark.parametrize("return_lse", [False, True], ids=["out", "out_and_lse"])
+def test_triton_kernel_lowers_for_cuda(return_lse):
+    fn = functools.partial(flash_attention_triton, return_lse=return_lse)
     with _abstract_device("NVIDIA H100", "gpu"):
-        module = _export(flash_attention_triton, "cuda", 1, 1000, 777, 2, 128, True)
+        module = _export(fn, "cuda", 1, 1000, 777, 2, 128, True)
     assert "xla.gpu.triton" in module
 
 
-def test_tpu_kernel_lowers_for_tpu():
+@pytest.mark.parametrize("return_lse", [False, True], ids=["out", "out_and_lse"])
+def test_tpu_kernel_lowers_for_tpu(return_lse):
+    fn = functools.partial(flash_attention_tpu, return_lse=return_lse)
     with _abstract_device("TPU v5p", "tpu"):
-        module = _export(flash_attention_tpu, "tpu", 1, 1000, 777, 2, 128, True)
+        module = _export(fn, "tpu", 1, 1000, 777, 2, 128, True)
     assert "tpu_custom_call" in module
 
 

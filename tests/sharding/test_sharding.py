@@ -14,7 +14,7 @@ from sdjax.config import ConfigError, SystemConfig
 from sdjax.kernels.attention import attention
 from sdjax.models.wan import load_transformer
 from sdjax.sharding import launch, make_mesh, mesh_for, multihost, shard_transformer
-from sdjax.sharding.attention import NEG, _xla_block, check_ring_backend, ring_auto_backend
+from sdjax.sharding.attention import NEG, _xla_block, block_attention, check_ring_backend, ring_auto_backend
 from tests.conftest import FIXTURES, rel_l2
 
 DIT = FIXTURES / "wan_dit"
@@ -63,13 +63,28 @@ def test_shard_map_path_on_a_one_device_mesh_matches_diffusers(shard_weights):
 
 
 def test_ring_needs_a_kernel_that_returns_the_log_sum_exp():
-    with pytest.raises(ConfigError, match="attention_backend='pallas_triton' is not allowed with ring=2"):
-        check_ring_backend("pallas_triton", 2)
+    with pytest.raises(ConfigError, match="attention_backend='splash' is not allowed with ring=2"):
+        check_ring_backend("splash", 2)
     with pytest.raises(ConfigError, match="attention_backend='pallas_mgpu_int8' is not allowed with ring=2"):
         check_ring_backend("pallas_mgpu_int8", 2)  # the lossy modes stay single-block
-    check_ring_backend("pallas_triton", 1)  # Ulysses alone runs any kernel
-    check_ring_backend("cudnn", 4)
-    check_ring_backend("pallas_mgpu", 4)
+    check_ring_backend("splash", 1)  # Ulysses alone runs any kernel
+    for backend in ("cudnn", "pallas", "pallas_mgpu", "pallas_triton"):
+        check_ring_backend(backend, 4)
+
+
+@pytest.mark.parametrize("backend", ["pallas", "pallas_triton"])
+@pytest.mark.parametrize("n_valid", [None, 5, 0])
+def test_ring_block_on_our_portable_kernel(backend, n_valid):
+    """On a CPU `pallas` is our Triton kernel, interpreted: its block output and log-sum-exp are the XLA block's."""
+    rng = np.random.default_rng(4)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 7, 3, 64)), jnp.bfloat16) for _ in range(3))
+    n = None if n_valid is None else jnp.int32(n_valid)
+    out, lse = block_attention(q, k, v, n, backend=backend)
+    ref_out, ref_lse = _xla_block(q, k, v, n)
+    if n_valid == 0:  # a block of padding only: no weight in the merge
+        assert np.all(np.asarray(lse) < NEG / 2)
+        return
+    assert rel_l2(out, ref_out) <= 1e-2 and np.abs(np.asarray(lse) - np.asarray(ref_lse)).max() <= 1e-4
 
 
 def test_ring_auto_runs_a_kernel_with_a_log_sum_exp():
