@@ -147,6 +147,25 @@ def test_sequence_parallel_attention_is_full_attention(ulysses, ring, L):
     assert rel_l2(out, attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))) <= 1e-6
 
 
+@pytest.mark.parametrize("ulysses, ring", [(1, 8), (2, 4)])
+def test_ring_attention_on_our_kernel_is_full_attention(ulysses, ring):
+    """bf16 through `pallas` (on a CPU our Triton kernel, interpreted): the ring merges the kernel's blocks by its
+    log-sum-exp to the one-device attention, padding-only ring blocks included (L=9 pads to 16)."""
+    from sdjax.kernels.attention import attention
+
+    m = make_mesh(SystemConfig(ulysses=ulysses, ring=ring))
+    rng = np.random.default_rng(5)
+    L = 9
+    q, k, v = (jnp.asarray(rng.standard_normal((2, L, 12, 64)), jnp.bfloat16) for _ in range(3))
+    pad = lambda a: jnp.pad(a, ((0, 0), (0, 16 - L), (0, 0), (0, 0)))
+    f = jax.jit(jax.shard_map(
+        lambda q, k, v: sequence_parallel_attention(q, k, v, ulysses=ulysses, ring=ring, true_len=L,
+                                                    backend="pallas"),
+        mesh=m, in_specs=P(None, SEQ), out_specs=P(None, SEQ), check_vma=False))
+    out = np.asarray(f(pad(q), pad(k), pad(v)), np.float32)[:, :L]
+    assert rel_l2(out, attention(q, k, v, backend="xla").astype(jnp.float32)) <= 1e-2
+
+
 # ------------------------------------------------------------------------------------------ bench
 
 
