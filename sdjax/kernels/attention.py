@@ -31,6 +31,7 @@ Backends live behind `attention(..., backend=...)`; each declares what it suppor
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -106,26 +107,33 @@ def _cudnn_attention(q, k, v, kv_len, key_bias=None):
                                         implementation="cudnn")
 
 
-def _pallas_attention(q, k, v, kv_len):
+def our_kernel(backend: str, q, kv_len=None):
+    """The exact kernel of ours behind `pallas` (the platform's: Hopper, else Triton on GPUs, Mosaic TPU on TPUs,
+    Triton interpreted on CPUs), `pallas_mgpu` or `pallas_triton`: fn(q, k, v, kv_len, **options); every one takes
+    `return_lse` (ring attention)."""
     platform = _device().platform
-    if platform == "tpu":
-        return flash_pallas.flash_attention_tpu(q, k, v, kv_len)
-    if platform == "gpu" and _unsupported("pallas_mgpu", q, kv_len) is None:
-        return flash_mgpu.flash_attention_mgpu(q, k, v, kv_len)
-    return flash_pallas.flash_attention_triton(q, k, v, kv_len, interpret=platform == "cpu")
+    if backend == "pallas":
+        if platform == "tpu":
+            return flash_pallas.flash_attention_tpu
+        backend = "pallas_mgpu" if platform == "gpu" and _unsupported("pallas_mgpu", q, kv_len) is None \
+            else "pallas_triton"
+    if backend == "pallas_mgpu":
+        return flash_mgpu.flash_attention_mgpu
+    if backend == "pallas_triton":
+        return functools.partial(flash_pallas.flash_attention_triton, interpret=platform == "cpu")
+    raise AttentionBackendError(f"{backend!r} is not one of our exact kernels (pallas, pallas_mgpu, pallas_triton)")
 
 
 _RUN = {
     "xla": _xla_attention,
     "cudnn": _cudnn_attention,
-    "pallas": _pallas_attention,
+    "pallas": lambda q, k, v, kv_len: our_kernel("pallas", q, kv_len)(q, k, v, kv_len),
     "pallas_mgpu": lambda q, k, v, kv_len, key_bias=None: flash_mgpu.flash_attention_mgpu(q, k, v, kv_len,
                                                                                          key_bias=key_bias),
     "pallas_mgpu_int8": lambda q, k, v, kv_len: flash_mgpu.flash_attention_mgpu(q, k, v, kv_len, int8_qk=True),
     "pallas_mgpu_int8_fp8": lambda q, k, v, kv_len: flash_mgpu.flash_attention_mgpu(q, k, v, kv_len, int8_qk=True,
                                                                                      fp8_pv=True),
-    "pallas_triton": lambda q, k, v, kv_len: flash_pallas.flash_attention_triton(
-        q, k, v, kv_len, interpret=_device().platform == "cpu"),
+    "pallas_triton": lambda q, k, v, kv_len: our_kernel("pallas_triton", q)(q, k, v, kv_len),
     "splash": splash_attention,
 }
 

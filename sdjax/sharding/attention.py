@@ -26,8 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from sdjax.config import ConfigError
-from sdjax.kernels import flash_mgpu, flash_pallas
-from sdjax.kernels.attention import AttentionBackendError, attention, available_backends, choose_backend
+from sdjax.kernels.attention import AttentionBackendError, attention, available_backends, choose_backend, our_kernel
 from sdjax.numerics import matmul_precision
 
 # A finite "minus infinity": a block whose keys are all padding gets weight exp(NEG - lse) = 0, never NaN.
@@ -127,11 +126,15 @@ def block_attention(q, k, v, n_valid=None, *, backend: str = "auto"):
                                     f"kernel's log-sum-exp); with ring > 1 use one of {', '.join(RING_BACKENDS)}")
     if backend == "auto":
         backend = ring_auto_backend(q, k)
-    if backend.startswith("pallas"):
-        return _kernel_block(_pallas_kernel(backend, q), q, k, v, n_valid)
-    if backend == "cudnn":
-        return _cudnn_block(q, k, v, n_valid)
-    return _xla_block(q, k, v, n_valid)
+    if backend == "xla":
+        return _xla_block(q, k, v, n_valid)
+    kernel = _cudnn_with_lse if backend == "cudnn" else our_kernel(backend, q)
+    B = q.shape[0]
+    kv_len = None if n_valid is None else jnp.full((B,), jnp.maximum(n_valid, 1), jnp.int32)  # kernels: >= 1 key
+    out, lse = kernel(q, k, v, kv_len, return_lse=True)
+    if n_valid is not None:  # a block of padding only: no weight
+        lse = jnp.where(n_valid > 0, lse, NEG)
+    return out.astype(jnp.float32), lse
 
 
 def ring_auto_backend(q, k) -> str:
@@ -144,28 +147,6 @@ def ring_auto_backend(q, k) -> str:
     # on TPUs our kernel where splash (no log-sum-exp) would run; never an interpreted kernel on a CPU
     order = {"gpu": ("pallas_mgpu", "cudnn"), "tpu": ("pallas",)}.get(jax.devices()[0].platform, ())
     return next((b for b in order if b in can), "xla")
-
-
-def _pallas_kernel(backend: str, q):
-    """Our kernel behind a `pallas*` backend name: fn(q, k, v, kv_len, return_lse=True) -> (out, lse)."""
-    platform = jax.devices()[0].platform
-    if backend == "pallas":
-        if platform == "tpu":
-            return flash_pallas.flash_attention_tpu
-        backend = "pallas_mgpu" if "pallas_mgpu" in available_backends(q) else "pallas_triton"
-    if backend == "pallas_mgpu":
-        return flash_mgpu.flash_attention_mgpu
-    return partial(flash_pallas.flash_attention_triton, interpret=platform == "cpu")
-
-
-def _kernel_block(kernel, q, k, v, n_valid):
-    """One of our kernels with its log-sum-exp."""
-    B = q.shape[0]
-    kv_len = None if n_valid is None else jnp.full((B,), jnp.maximum(n_valid, 1), jnp.int32)
-    out, lse = kernel(q, k, v, kv_len, return_lse=True)
-    if n_valid is not None:  # a block of padding only: no weight
-        lse = jnp.where(n_valid > 0, lse, NEG)
-    return out.astype(jnp.float32), lse
 
 
 def _xla_block(q, k, v, n_valid, *, q_chunk: int = 2048):
@@ -197,9 +178,9 @@ def _xla_block(q, k, v, n_valid, *, q_chunk: int = 2048):
     return o, lse
 
 
-def _cudnn_block(q, k, v, n_valid):
+def _cudnn_with_lse(q, k, v, kv_len, return_lse: bool = True):
     """cuDNN flash attention with its fp32 softmax statistics (the public `jax.nn.dot_product_attention`
-    rounds them to the output dtype, too coarse for the merge)."""
+    rounds them to the output dtype, too coarse for the merge): (out, lse (B, T, N) fp32)."""
     if jax.devices()[0].platform != "gpu":
         raise AttentionBackendError("attention backend 'cudnn' needs a GPU")
     if q.dtype not in (jnp.bfloat16, jnp.float16):
@@ -209,15 +190,10 @@ def _cudnn_block(q, k, v, n_valid):
         from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
     except ImportError as e:  # a private module: say so plainly if a jax release moves it
         raise AttentionBackendError(f"ring attention with cuDNN needs jax's cuDNN attention module ({e}); "
-                                    "use attention_backend='xla'") from None
+                                    "use attention_backend='pallas' or 'xla'") from None
     B, T = q.shape[:2]
     kw = {}
-    if n_valid is not None:
-        kw = dict(q_seqlen=jnp.full((B,), T, jnp.int32), kv_seqlen=jnp.full((B,), jnp.maximum(n_valid, 1), jnp.int32),
-                  mask_type=MaskType.PADDING)
+    if kv_len is not None:
+        kw = dict(q_seqlen=jnp.full((B,), T, jnp.int32), kv_seqlen=kv_len, mask_type=MaskType.PADDING)
     out, lse = cudnn_attention(q, k, v, scale=1.0 / math.sqrt(q.shape[-1]), return_residual=True, **kw)
-    lse = lse.astype(jnp.float32).transpose(0, 2, 1)  # cuDNN gives (B, N, T)
-    out = out.astype(jnp.float32)
-    if n_valid is not None:  # a block of padding only: no weight
-        lse = jnp.where(n_valid > 0, lse, NEG)
-    return out, lse
+    return out, lse.astype(jnp.float32).transpose(0, 2, 1)  # cuDNN gives (B, N, T)

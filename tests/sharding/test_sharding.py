@@ -114,8 +114,8 @@ def test_block_attention_gives_output_and_log_sum_exp(n_valid):
 
 @pytest.mark.parametrize("n_valid", [None, 5, 0])
 def test_ring_block_on_our_hopper_kernel_masks_by_kv_len(monkeypatch, n_valid):
-    """The kernel runs on Hopper only, so its call is stood in for by the XLA block here: what is checked is the
-    glue — the valid keys become the kernel's kv_len (at least 1: the kernel clips to 1), and a block of padding
+    """The Hopper kernel runs on a GPU only, so it is stood in for by the XLA block here: what is checked is the
+    glue — the valid keys become the kernel's kv_len (at least 1: the kernels clip to 1), and a block of padding
     only gets lse = NEG (no weight in the merge)."""
     from sdjax.sharding import attention as ring_module
 
@@ -127,7 +127,7 @@ def test_ring_block_on_our_hopper_kernel_masks_by_kv_len(monkeypatch, n_valid):
         out, lse = _xla_block(q, k, v, None if kv_len is None else kv_len[0])
         return out.astype(q.dtype), lse
 
-    monkeypatch.setattr(ring_module.flash_mgpu, "flash_attention_mgpu", kernel)
+    monkeypatch.setattr(ring_module, "our_kernel", lambda backend, q: kernel if backend == "pallas_mgpu" else None)
     rng = np.random.default_rng(2)
     q, k, v = (jnp.asarray(rng.standard_normal((2, 6, 3, 8)), jnp.bfloat16) for _ in range(3))
     out, lse = ring_module.block_attention(q, k, v, None if n_valid is None else jnp.int32(n_valid),
