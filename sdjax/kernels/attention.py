@@ -27,6 +27,9 @@ Backends live behind `attention(..., backend=...)`; each declares what it suppor
 | `splash`        | TPU                | jax's TPU splash attention                                         |
 | `auto`          |                    | fastest supporting backend per platform and shape, ranked by the   |
 |                 |                    | timings in `attention_table.py` (from benchmarks/results)          |
+
+Our exact kernels (`our_kernel`) also return each row's log-sum-exp on request (`return_lse=True`), which ring
+attention (sdjax.sharding.attention) merges key blocks by.
 """
 
 from __future__ import annotations
