@@ -25,7 +25,7 @@ from flax import nnx
 
 from sdjax.kernels.attention import LOSSY_BACKENDS, attention
 from sdjax.kernels.norm import rms_norm_rope
-from sdjax.kernels.residual_norm import layer_norm, modulated_norm, residual_norm
+from sdjax.kernels.residual_norm import modulated_norm, residual_norm
 from sdjax.numerics import matmul_precision
 
 # ------------------------------------------------------------------------------------------ config
@@ -496,7 +496,9 @@ class WanTransformer3DModel(nnx.Module):
         """Modulated LayerNorm + projection, then unpatchify to (B, C, F, H, W) fp32."""
         mod = self.scale_shift_table[...] + temb[:, None, :]
         shift, scale = mod[:, 0:1], mod[:, 1:2]
-        y = self.proj_out(layer_norm(x, self.config.eps) * (1 + scale) + shift)
+        # fp32 and XLA's: once a forward, so no kernel (the blocks' modulated_norm runs on ours)
+        y = self.proj_out(modulated_norm(x, 1 + scale[:, 0], shift[:, 0], eps=self.config.eps, out_dtype=jnp.float32,
+                                         backend="xla"))
         B, _, F, H, W = latent_shape
         pt, ph, pw = self.config.patch_size
         y = y.reshape(B, F // pt, H // ph, W // pw, pt, ph, pw, -1)  # channel fastest in each patch
