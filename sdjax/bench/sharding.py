@@ -34,6 +34,7 @@ class Layout:
     cfg: int
     ulysses: int
     ring: int
+    kv_exchange: str = "permute"  # ring's K/V: passed around ("permute") or all-gathered ("gather", suffix g)
 
     @property
     def devices(self) -> int:
@@ -41,14 +42,15 @@ class Layout:
 
     @property
     def name(self) -> str:
-        return f"c{self.cfg}u{self.ulysses}r{self.ring}"
+        return f"c{self.cfg}u{self.ulysses}r{self.ring}" + ("g" if self.kv_exchange == "gather" else "")
 
     @classmethod
     def parse(cls, s: str) -> Layout:
-        m = re.fullmatch(r"c(\d+)u(\d+)r(\d+)", s.strip())
+        m = re.fullmatch(r"c(\d+)u(\d+)r(\d+)(g?)", s.strip())
         if not m:
-            raise ValueError(f"layout {s!r}: expected c<cfg>u<ulysses>r<ring>, e.g. c2u2r1")
-        return cls(*map(int, m.groups()))
+            raise ValueError(f"layout {s!r}: expected c<cfg>u<ulysses>r<ring>[g], e.g. c2u2r1 or c1u1r2g "
+                             "(g: ring's K/V all-gathered instead of passed around)")
+        return cls(*map(int, m.groups()[:3]), "gather" if m.group(4) else "permute")
 
 
 def all_layouts(n_devices: int) -> list[Layout]:
@@ -78,7 +80,7 @@ def parse_layouts(spec: str, n_devices: int) -> list[Layout]:
 # ------------------------------------------------------------------------------------------ building
 
 
-def random_transformer(cfg, dtype: str, backend: str, mesh, *, shard_weights=False, seed=0):
+def random_transformer(cfg, dtype: str, backend: str, mesh, *, shard_weights=False, kv_exchange="permute", seed=0):
     """A Wan DiT with random weights made directly on its devices (replicated on `mesh`, or device 0).
 
     The same seed gives the same weights on every layout, so outputs can be compared."""
@@ -92,7 +94,8 @@ def random_transformer(cfg, dtype: str, backend: str, mesh, *, shard_weights=Fal
 
     model = abstract_transformer(cfg, dtype, backend)
     if mesh is not None:
-        shard_transformer(model, mesh, shard_weights=shard_weights)  # abstract leaves get their shardings
+        # abstract leaves get their shardings
+        shard_transformer(model, mesh, shard_weights=shard_weights, kv_exchange=kv_exchange)
     graphdef, state = nnx.split(model)
     leaves, treedef = jax.tree.flatten(state)
     dev0 = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -189,7 +192,10 @@ def comm_only_seconds(cfg, layout: Layout, mesh, L: int, batch: int, dtype: str,
 
     def one_layer(_, x):  # q, k, v to heads; K/V around the ring; the output back to tokens
         q, k, v = (jax.lax.all_to_all(x * s, "ulysses", 2, 1, tiled=True) if U > 1 else x * s for s in (1, 2, 3))
-        for _ in range(R - 1):
+        if layout.kv_exchange == "gather" and R > 1:
+            # the gathered blocks summed back to one: every byte is used, so no part of the gather is dropped
+            k, v = (jax.lax.all_gather(t, "ring", axis=1).sum(1) for t in (k, v))
+        for _ in range(R - 1 if layout.kv_exchange == "permute" else 0):
             k, v = jax.lax.ppermute(k, "ring", perm), jax.lax.ppermute(v, "ring", perm)
         o = q + k + v
         return jax.lax.all_to_all(o, "ulysses", 1, 2, tiled=True) if U > 1 else o
@@ -242,9 +248,10 @@ def _bench_dit_layout(cfg, lay: Layout, host_inputs, L, *, dtype, backend, iters
 
     mesh = None if lay.devices == 1 else make_mesh(
         SystemConfig(cfg_parallel=lay.cfg, ulysses=lay.ulysses, ring=lay.ring), jax.devices()[: lay.devices])
-    model = random_transformer(cfg, dtype, backend, mesh, shard_weights=shard_weights)
+    model = random_transformer(cfg, dtype, backend, mesh, shard_weights=shard_weights, kv_exchange=lay.kv_exchange)
     if mesh is not None and not comm:
-        model.parallel = type(model.parallel)(mesh, shard_weights=shard_weights, comm=False)
+        model.parallel = type(model.parallel)(mesh, shard_weights=shard_weights, kv_exchange=lay.kv_exchange,
+                                              comm=False)
     # Inputs on the devices first, so the timing holds no host transfer.
     args = [jax.device_put(a, jax.devices()[0]) if mesh is None else put_replicated(a, mesh) for a in host_inputs]
     t0 = time.perf_counter()

@@ -7,10 +7,14 @@ tokens, the same numbers as one device (fp32: to rounding).
 1. Ulysses (axis "ulysses", size U): all-to-all that trades tokens for heads, (B, L/P, N, K) ->
    (B, L/R, N/U, K): each device then holds whole sequence blocks for a subset of heads. Heads that do not
    divide U are padded with zero heads (12 heads on 8 devices: 16), which are dropped afterwards.
-2. Ring (axis "ring", size R): each device keeps its queries and passes its K/V block to the next device R-1
-   times (`ppermute`); the block results are merged with an online softmax on their log-sum-exp, in fp32.
-   The next block's transfer does not wait for the current block's compute, but on GPUs it was measured not to
-   overlap it (benchmarks/NOTES.md, session 16).
+2. Ring (axis "ring", size R): each device keeps its queries and gets the K/V of the other R-1 blocks, in one
+   of two ways (`kv_exchange`):
+   - "permute": passes its K/V block to the next device R-1 times (`ppermute`) and merges the block results
+     with an online softmax on their log-sum-exp, in fp32 (R K/V blocks' memory: one at a time);
+   - "gather": all-gathers K/V once and runs one attention over all keys (the whole sequence's K/V a layer; no
+     log-sum-exp, any backend). The same bytes travel; the attention runs at full key length instead of R calls
+     on 1/R of the keys plus the merges.
+   On GPUs the permute's transfers were measured not to overlap the attention (benchmarks/NOTES.md, session 16).
 3. The inverse all-to-all gives each device its own tokens back, all heads.
 
 Tokens that do not divide P are padded at the end of the sequence by the caller; `true_len` masks them as
@@ -33,8 +37,11 @@ from sdjax.numerics import matmul_precision
 NEG = -1e30
 
 
+KV_EXCHANGES = ("permute", "gather")
+
+
 def sequence_parallel_attention(q, k, v, *, ulysses: int, ring: int, true_len: int, backend: str = "auto",
-                                comm: bool = True):
+                                kv_exchange: str = "permute", comm: bool = True):
     """q, k, v: this device's tokens (B, T, N, K), T = Lp / (ring·ulysses) -> (B, T, N, K).
 
     `true_len` is the number of real tokens L ≤ Lp (the rest is padding). `comm=False` replaces every
@@ -49,7 +56,9 @@ def sequence_parallel_attention(q, k, v, *, ulysses: int, ring: int, true_len: i
             q, k, v = (jnp.pad(t, pad) for t in (q, k, v))
         to_heads = partial(_all_to_all, split_axis=2, concat_axis=1, comm=comm)
         q, k, v = to_heads(q), to_heads(k), to_heads(v)  # (B, Lp/R, Np/U, K)
-    if ring == 1:
+    if ring > 1 and kv_exchange == "gather":
+        k, v = (_all_gather(t, comm=comm) for t in (k, v))  # (B, Lp, Np/U, K): ring block r is sequence block r
+    if ring == 1 or kv_exchange == "gather":
         kv_len = None if true_len == Lp else jnp.full((B,), true_len, jnp.int32)
         out = attention(q, k, v, kv_len=kv_len, backend=backend)
     else:
@@ -67,6 +76,12 @@ def _all_to_all(x, *, split_axis, concat_axis, comm):
     u = jax.lax.psum(1, "ulysses")  # the axis size
     part = jax.lax.slice_in_dim(x, 0, x.shape[split_axis] // u, axis=split_axis)
     return jnp.concatenate([part] * u, axis=concat_axis)
+
+
+def _all_gather(x, *, comm):
+    if comm:
+        return jax.lax.all_gather(x, "ring", axis=1, tiled=True)
+    return jnp.concatenate([x] * jax.lax.psum(1, "ring"), axis=1)  # same shape, no traffic
 
 
 def ring_attention(q, k, v, *, ring: int, true_len: int | None, backend: str = "auto", comm: bool = True):
@@ -110,8 +125,10 @@ def ring_attention(q, k, v, *, ring: int, true_len: int | None, backend: str = "
 RING_BACKENDS = ("auto", "pallas", "pallas_mgpu", "pallas_triton", "cudnn", "xla")
 
 
-def check_ring_backend(backend: str, ring: int) -> None:
-    if ring > 1 and backend not in RING_BACKENDS:
+def check_ring_backend(backend: str, ring: int, kv_exchange: str = "permute") -> None:
+    if kv_exchange not in KV_EXCHANGES:
+        raise ConfigError(f"kv_exchange={kv_exchange!r}: expected one of {', '.join(KV_EXCHANGES)}")
+    if ring > 1 and kv_exchange == "permute" and backend not in RING_BACKENDS:
         raise ConfigError(f"attention_backend={backend!r} is not allowed with ring={ring}: ring attention needs "
                           f"the kernel's log-sum-exp; one of {', '.join(RING_BACKENDS)} (or ulysses instead of ring)")
 

@@ -36,6 +36,7 @@ class SequenceParallel:
 
     mesh: Mesh
     shard_weights: bool = False
+    kv_exchange: str = "permute"  # how the ring axis shares K/V (sdjax.sharding.attention: permute | gather)
     comm: bool = True  # False: collectives become local no-ops (wrong numbers; timing the compute alone)
 
     @property
@@ -63,7 +64,7 @@ class SequenceParallel:
         graphdef, state = nnx.split(blocks)
         weight_specs = jax.tree.map(lambda w: self.weight_spec(w.shape), state)
         attend = partial(sequence_parallel_attention, ulysses=self.ulysses, ring=self.ring, true_len=L,
-                         backend=blocks.attn1.backend, comm=self.comm)
+                         backend=blocks.attn1.backend, kv_exchange=self.kv_exchange, comm=self.comm)
 
         shared = cfg_batch and (b is None or self.mesh.shape["cfg"] == 1)  # both branches on each device
 
@@ -104,7 +105,8 @@ def _gather_weight(w, spec):
 # ------------------------------------------------------------------------------------------ placement
 
 
-def shard_transformer(model, mesh: Mesh | None, *, shard_weights: bool = False, comm: bool = True):
+def shard_transformer(model, mesh: Mesh | None, *, shard_weights: bool = False, kv_exchange: str = "permute",
+                      comm: bool = True):
     """Put `model`'s parameters on `mesh` and make its forward run there; returns the model.
 
     Works on a loaded model (arrays are moved) and on an abstract one from `nnx.eval_shape` (each leaf gets
@@ -113,8 +115,9 @@ def shard_transformer(model, mesh: Mesh | None, *, shard_weights: bool = False, 
     if mesh is None:
         model.parallel = None
         return model
-    check_ring_backend(model.blocks.attn1.backend, mesh.shape["ring"])  # at load time, not at the first step
-    parallel = SequenceParallel(mesh, shard_weights=shard_weights, comm=comm)
+    # at load time, not at the first step
+    check_ring_backend(model.blocks.attn1.backend, mesh.shape["ring"], kv_exchange)
+    parallel = SequenceParallel(mesh, shard_weights=shard_weights, kv_exchange=kv_exchange, comm=comm)
     state = nnx.state(model, nnx.Param)
     for path, var in nnx.to_flat_state(state):
         spec = parallel.weight_spec(var.shape) if path[0] == "blocks" else P()

@@ -70,6 +70,9 @@ def test_ring_needs_a_kernel_that_returns_the_log_sum_exp():
     check_ring_backend("splash", 1)  # Ulysses alone runs any kernel
     for backend in ("cudnn", "pallas", "pallas_mgpu", "pallas_triton"):
         check_ring_backend(backend, 4)
+    check_ring_backend("splash", 2, "gather")  # K/V all-gathered: one attention call, no log-sum-exp needed
+    with pytest.raises(ConfigError, match="kv_exchange='ring': expected one of permute, gather"):
+        check_ring_backend("auto", 2, "ring")
 
 
 @pytest.mark.parametrize("backend", ["pallas", "pallas_triton"])
@@ -159,6 +162,8 @@ def test_bench_layouts():
     names = [lay.name for lay in all_layouts(4)]
     assert names == ["c1u1r1", "c1u1r2", "c1u2r1", "c2u1r1", "c1u1r4", "c1u2r2", "c1u4r1", "c2u1r2", "c2u2r1"]
     assert [lay.name for lay in parse_layouts("c2u2r1,c1u1r2", 4)] == ["c1u1r1", "c1u1r2", "c2u2r1"]
+    assert Layout.parse("c1u2r2g") == Layout(1, 2, 2, "gather") and Layout(1, 2, 2, "gather").name == "c1u2r2g"
+    assert Layout.parse("c1u2r2").kv_exchange == "permute"
     with pytest.raises(ValueError, match="c<cfg>u<ulysses>r<ring>"):
         Layout.parse("2x2")
     with pytest.raises(ValueError, match="more than the 2 devices"):

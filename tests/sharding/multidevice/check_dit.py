@@ -54,6 +54,15 @@ def test_forward_matches_one_device(name, model12, io12):
     assert rel_l2(out, ref) <= TOL
 
 
+@pytest.mark.parametrize("name", ["c1u1r8", "c1u4r2", "c2u2r2"])
+def test_ring_kv_all_gathered_matches_one_device(name, model12, io12):
+    """kv_exchange="gather": ring's K/V all-gathered and one attention over all keys (padding masked by kv_len)."""
+    x, t, c, ref = io12
+    model = on_mesh(model12, name, kv_exchange="gather")
+    assert model.parallel.kv_exchange == "gather"
+    assert rel_l2(FORWARD(model, x, t, c), ref) <= TOL
+
+
 @pytest.mark.parametrize("name", ["c1u4r2", "c1u1r8", "c2u2r2"])
 def test_cfg_batch_on_the_mesh_matches_one_device(name, model12, io12):
     """A CFG batch (one latent and timestep twice): block 0's self-attention runs once where a device holds both
@@ -130,8 +139,9 @@ def test_bad_layouts_are_clear_errors():
 # ------------------------------------------------------------------------------------------ attention alone
 
 
+@pytest.mark.parametrize("kv_exchange", ["permute", "gather"])
 @pytest.mark.parametrize("ulysses, ring, L", [(8, 1, 9), (1, 8, 9), (2, 4, 13), (4, 2, 16)])
-def test_sequence_parallel_attention_is_full_attention(ulysses, ring, L):
+def test_sequence_parallel_attention_is_full_attention(ulysses, ring, L, kv_exchange):
     """12 heads; L=9 on 8 devices pads to 16: ring blocks 5-7 hold padding only."""
     from sdjax.kernels.attention import attention
 
@@ -141,7 +151,8 @@ def test_sequence_parallel_attention_is_full_attention(ulysses, ring, L):
     Lp = -(-L // 8) * 8
     pad = lambda a: np.pad(a, ((0, 0), (0, Lp - L), (0, 0), (0, 0)))
     f = jax.jit(jax.shard_map(
-        lambda q, k, v: sequence_parallel_attention(q, k, v, ulysses=ulysses, ring=ring, true_len=L),
+        lambda q, k, v: sequence_parallel_attention(q, k, v, ulysses=ulysses, ring=ring, true_len=L,
+                                                    kv_exchange=kv_exchange),
         mesh=m, in_specs=P(None, SEQ), out_specs=P(None, SEQ), check_vma=False))
     out = np.asarray(f(pad(q), pad(k), pad(v)))[:, :L]
     assert rel_l2(out, attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))) <= 1e-6
@@ -172,9 +183,9 @@ def test_ring_attention_on_our_kernel_is_full_attention(ulysses, ring):
 def test_bench_reports_every_layout_against_one_device():
     from sdjax.bench.sharding import Layout, bench_dit
 
-    rows = bench_dit(CFG12, [Layout(1, 1, 1), Layout(2, 2, 2)], (3, 10, 6), batch=2, text_len=7,
-                     dtype="float32", backend="auto", iters=1, log=lambda *a, **k: None)
-    assert [r["layout"] for r in rows] == ["c1u1r1", "c2u2r2"]
+    rows = bench_dit(CFG12, [Layout(1, 1, 1), Layout(2, 2, 2), Layout(2, 2, 2, "gather")], (3, 10, 6), batch=2,
+                     text_len=7, dtype="float32", backend="auto", iters=1, log=lambda *a, **k: None)
+    assert [r["layout"] for r in rows] == ["c1u1r1", "c2u2r2", "c2u2r2g"]
     for r in rows:
         assert r["rel_l2"] <= TOL and r["ms"] > 0 and r["mem_GiB"] > 0
-    assert rows[0]["comm_ms"] == 0 and rows[1]["comm_ms"] > 0
+    assert rows[0]["comm_ms"] == 0 and rows[1]["comm_ms"] > 0 and rows[2]["comm_ms"] > 0
