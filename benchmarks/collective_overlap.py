@@ -16,8 +16,10 @@ import argparse
 import collections
 import gzip
 import json
+import os
 import re
 import tempfile
+import time
 from pathlib import Path
 
 import jax
@@ -29,6 +31,7 @@ from sdjax.numerics import GEMM_COMPILER_OPTIONS
 COLLECTIVE = re.compile(r"nccl|memcpy.*(p2p|peer|ptop)", re.I)
 COPY = re.compile(r"memcpy|memset", re.I)
 ATTENTION = re.compile(r"mosaic|flash|attention|fmha", re.I)
+GEMM = re.compile(r"gemm|xmma|cutlass|cublas|sm90_|nvjet", re.I)
 
 
 def timelines(trace_dir: Path) -> dict[str, list[tuple[str, float, float]]]:
@@ -76,6 +79,7 @@ def overlap(kernels: list[tuple[str, float, float]], calls: int) -> dict:
     attn = union([(a, b) for n, a, b in kernels if ATTENTION.search(n)])
     total = sum(b - a for a, b in coll)
     under = covered(coll, compute)
+    busy = lambda pattern: sum(b - a for a, b in union([(a, b) for n, a, b in kernels if pattern.search(n)]))
     names = collections.Counter()
     for n, a, b in kernels:
         if COLLECTIVE.search(n):
@@ -83,12 +87,13 @@ def overlap(kernels: list[tuple[str, float, float]], calls: int) -> dict:
     return {"collective_ms": total / calls / 1e3, "under_compute_ms": under / calls / 1e3,
             "under_attention_ms": covered(coll, attn) / calls / 1e3, "exposed_ms": (total - under) / calls / 1e3,
             "compute_ms": sum(b - a for a, b in compute) / calls / 1e3,
+            "attention_ms": busy(ATTENTION) / calls / 1e3, "gemm_ms": busy(GEMM) / calls / 1e3,
             "top": ", ".join(f"{n} {ms:.1f}" for n, ms in names.most_common(3))}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layouts", default="c1u1r2,c1u2r1,c1u1r2g")
+    p.add_argument("--layouts", default="c1u1r1,c1u1r2,c1u2r1,c1u1r2g")
     p.add_argument("--model", default="wan2.1-t2v-1.3b")
     p.add_argument("--calls", type=int, default=2)
     p.add_argument("--tag", default="")
@@ -102,28 +107,33 @@ def main():
     rows = []
     for spec in args.layouts.split(","):
         lay = Layout.parse(spec)
-        mesh = make_mesh(SystemConfig(cfg_parallel=lay.cfg, ulysses=lay.ulysses, ring=lay.ring),
-                         jax.devices()[: lay.devices])
+        mesh = None if lay.devices == 1 else make_mesh(
+            SystemConfig(cfg_parallel=lay.cfg, ulysses=lay.ulysses, ring=lay.ring), jax.devices()[: lay.devices])
         model = random_transformer(cfg, "bfloat16", "auto", mesh, kv_exchange=lay.kv_exchange)
-        x, t, c = (put_replicated(a, mesh) for a in host)
+        x, t, c = (jax.device_put(a, jax.devices()[0]) if mesh is None else put_replicated(a, mesh) for a in host)
         forward = jax.jit(lambda m, x, t, c: m(x, t, c), compiler_options=GEMM_COMPILER_OPTIONS)
         compiled = forward.lower(model, x, t, c).compile()
-        for _ in range(2):
+        jax.block_until_ready(compiled(model, x, t, c))
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
             jax.block_until_ready(compiled(model, x, t, c))
+            times.append(time.perf_counter() - t0)
         with tempfile.TemporaryDirectory() as tmp:
             with jax.profiler.trace(tmp, create_perfetto_trace=True):
                 for _ in range(args.calls):
                     jax.block_until_ready(compiled(model, x, t, c))
             lines = timelines(Path(tmp))
         for device, kernels in sorted(lines.items()):
-            row = {"layout": lay.name, "device": device, "tokens": token_count(cfg, shape),
-                   **overlap(kernels, args.calls)}
+            row = {"layout": lay.name, "device": device, "ms": sorted(times)[1] * 1e3,
+                   "tokens": token_count(cfg, shape), **overlap(kernels, args.calls)}
             rows.append(row)
             print(json.dumps(row), flush=True)
         del model, compiled
     write_results(f"collective_overlap{args.tag}", rows,
-                  f"{args.model} 480p/81f CFG batch, bf16, random weights; per GPU timeline, ms a forward "
-                  f"({args.calls} traced); card {card_name()}")
+                  f"{args.model} 480p/81f CFG batch, bf16, random weights; `ms`: host-timed forward (median of 3); "
+                  f"the rest per GPU timeline, ms a forward ({args.calls} traced); card {card_name()}; "
+                  f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
 
 
 if __name__ == "__main__":

@@ -68,12 +68,17 @@ def main():
     p.add_argument("--layouts", default="all")
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--vae", action="store_true", help="also time the VAE decode (480p, 81 frames)")
+    p.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE",
+                   help="A/B: override one of the model's compiler options, e.g. xla_gpu_use_memcpy_local_p2p=false")
+    p.add_argument("--tag", default="", help="in the result files' names: scaling<tag>_<card>_<n>gpu")
     args = p.parse_args()
+    options = {k: {"true": True, "false": False}.get(v.lower(), v)
+               for k, v in (o.split("=", 1) for o in args.xla_option)}
     n = jax.device_count()
     card = card_name()
-    stem = f"scaling_{card.replace(' ', '_').replace('/', '_')}_{n}gpu"
+    stem = f"scaling{args.tag}_{card.replace(' ', '_').replace('/', '_')}_{n}gpu"
     report = {"card": card, "devices": n, "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-              "setup": "bf16, random weights, 81 frames, batch 2 (one CFG step), 512 text tokens; "
+              "setup": f"bf16, random weights, 81 frames, batch 2 (one CFG step), 512 text tokens; options {options}; "
                        f"jax {jax.__version__}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}",
               "cases": {}, "vae": [], "targets": []}
     for case in args.cases.split(","):
@@ -82,7 +87,7 @@ def main():
         print(f"== {name}: {[lay.name for lay in layouts]}", flush=True)
         t0 = time.perf_counter()
         rows = bench_dit(cfg, layouts, latent_shape(h, w, 81), batch=2, text_len=512, dtype="bfloat16",
-                         backend="auto", iters=args.iters)
+                         backend="auto", iters=args.iters, compiler_options=options)
         print(f"== {name} took {time.perf_counter() - t0:.0f} s", flush=True)
         report["cases"][name] = rows
         for (tcase, devs), target in TARGETS.items():

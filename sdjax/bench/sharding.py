@@ -4,8 +4,10 @@
     python -m sdjax.bench.sharding --model tiny --fake-devices 8 --layouts c1u8r1,c2u2r2 --dtype float32
 
 Runs on whatever devices exist (real GPUs, or N fake CPU devices with --fake-devices N). A layout
-`c{cfg}u{ulysses}r{ring}` uses the first cfg·ulysses·ring devices; `all` is every layout (cfg 1 or 2) on 1, 2,
-4, ... devices. The one-device layout is always measured first, in the same run, as the baseline. Per layout:
+`c{cfg}u{ulysses}r{ring}` uses the first cfg·ulysses·ring devices; a suffix `g` or `p` fixes how the ring axis
+shares K/V (all-gathered, or passed around the ring; none: as a launch picks, `sdjax.sharding.attention`);
+`all` is every layout (cfg 1 or 2) on 1, 2, 4, ... devices. The one-device layout is always measured first,
+in the same run, as the baseline. Per layout:
 
 - `ms`: median wall time of one forward (random weights; batch 2 = the conditional and unconditional branch
   of one CFG step, by default); `speedup` and `efficiency` (speedup / devices) against one device;
@@ -18,6 +20,7 @@ Runs on whatever devices exist (real GPUs, or N fake CPU devices with --fake-dev
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import re
@@ -34,7 +37,7 @@ class Layout:
     cfg: int
     ulysses: int
     ring: int
-    kv_exchange: str = "permute"  # ring's K/V: passed around ("permute") or all-gathered ("gather", suffix g)
+    kv_exchange: str = "auto"  # ring's K/V: as the launch picks (no suffix), all-gathered (g) or permuted (p)
 
     @property
     def devices(self) -> int:
@@ -42,15 +45,15 @@ class Layout:
 
     @property
     def name(self) -> str:
-        return f"c{self.cfg}u{self.ulysses}r{self.ring}" + ("g" if self.kv_exchange == "gather" else "")
+        return f"c{self.cfg}u{self.ulysses}r{self.ring}" + {"gather": "g", "permute": "p"}.get(self.kv_exchange, "")
 
     @classmethod
     def parse(cls, s: str) -> Layout:
-        m = re.fullmatch(r"c(\d+)u(\d+)r(\d+)(g?)", s.strip())
+        m = re.fullmatch(r"c(\d+)u(\d+)r(\d+)([gp]?)", s.strip())
         if not m:
-            raise ValueError(f"layout {s!r}: expected c<cfg>u<ulysses>r<ring>[g], e.g. c2u2r1 or c1u1r2g "
-                             "(g: ring's K/V all-gathered instead of passed around)")
-        return cls(*map(int, m.groups()[:3]), "gather" if m.group(4) else "permute")
+            raise ValueError(f"layout {s!r}: expected c<cfg>u<ulysses>r<ring>[g|p], e.g. c2u2r1 or c1u1r2g "
+                             "(ring's K/V all-gathered: g, or passed around: p; neither: as the launch picks)")
+        return cls(*map(int, m.groups()[:3]), {"g": "gather", "p": "permute"}.get(m.group(4), "auto"))
 
 
 def all_layouts(n_devices: int) -> list[Layout]:
@@ -80,7 +83,7 @@ def parse_layouts(spec: str, n_devices: int) -> list[Layout]:
 # ------------------------------------------------------------------------------------------ building
 
 
-def random_transformer(cfg, dtype: str, backend: str, mesh, *, shard_weights=False, kv_exchange="permute", seed=0):
+def random_transformer(cfg, dtype: str, backend: str, mesh, *, shard_weights=False, kv_exchange="auto", seed=0):
     """A Wan DiT with random weights made directly on its devices (replicated on `mesh`, or device 0).
 
     The same seed gives the same weights on every layout, so outputs can be compared."""
@@ -178,6 +181,7 @@ def comm_only_seconds(cfg, layout: Layout, mesh, L: int, batch: int, dtype: str,
     import jax.numpy as jnp
     from jax.sharding import PartitionSpec as P
 
+    from sdjax.sharding.attention import resolve_kv_exchange
     from sdjax.sharding.mesh import SEQ
 
     U, R = layout.ulysses, layout.ring
@@ -192,10 +196,11 @@ def comm_only_seconds(cfg, layout: Layout, mesh, L: int, batch: int, dtype: str,
 
     def one_layer(_, x):  # q, k, v to heads; K/V around the ring; the output back to tokens
         q, k, v = (jax.lax.all_to_all(x * s, "ulysses", 2, 1, tiled=True) if U > 1 else x * s for s in (1, 2, 3))
-        if layout.kv_exchange == "gather" and R > 1:
+        gather = R > 1 and resolve_kv_exchange(layout.kv_exchange, R, mesh.devices.flat[0].platform) == "gather"
+        if gather:
             # the gathered blocks summed back to one: every byte is used, so no part of the gather is dropped
             k, v = (jax.lax.all_gather(t, "ring", axis=1).sum(1) for t in (k, v))
-        for _ in range(R - 1 if layout.kv_exchange == "permute" else 0):
+        for _ in range(0 if gather else R - 1):
             k, v = jax.lax.ppermute(k, "ring", perm), jax.lax.ppermute(v, "ring", perm)
         o = q + k + v
         return jax.lax.all_to_all(o, "ulysses", 1, 2, tiled=True) if U > 1 else o
@@ -207,8 +212,10 @@ def comm_only_seconds(cfg, layout: Layout, mesh, L: int, batch: int, dtype: str,
 
 
 def bench_dit(cfg, layouts: list[Layout], latent_shape, *, batch: int, text_len: int, dtype: str, backend: str,
-              iters: int, shard_weights: bool = False, comm: bool = True, log=print) -> list[dict]:
+              iters: int, shard_weights: bool = False, comm: bool = True, compiler_options: dict | None = None,
+              log=print) -> list[dict]:
     """One row per layout; the one-device layout (first) is the baseline of speedup and rel_l2.
+    `compiler_options` override the model's (`GEMM_COMPILER_OPTIONS`) for A/B runs.
 
     A layout that fails (out of memory, say) gets a row with its error; the others still run."""
     import gc
@@ -221,7 +228,8 @@ def bench_dit(cfg, layouts: list[Layout], latent_shape, *, batch: int, text_len:
     for lay in layouts:
         try:
             s, out, extra = _bench_dit_layout(cfg, lay, host_inputs, L, dtype=dtype, backend=backend, iters=iters,
-                                              shard_weights=shard_weights, comm=comm)
+                                              shard_weights=shard_weights, comm=comm,
+                                              compiler_options=compiler_options or {})
         except Exception as e:
             if ref is None:
                 raise
@@ -238,7 +246,8 @@ def bench_dit(cfg, layouts: list[Layout], latent_shape, *, batch: int, text_len:
     return rows
 
 
-def _bench_dit_layout(cfg, lay: Layout, host_inputs, L, *, dtype, backend, iters, shard_weights, comm):
+def _bench_dit_layout(cfg, lay: Layout, host_inputs, L, *, dtype, backend, iters, shard_weights, comm,
+                      compiler_options):
     import jax
     import numpy as np
 
@@ -250,12 +259,11 @@ def _bench_dit_layout(cfg, lay: Layout, host_inputs, L, *, dtype, backend, iters
         SystemConfig(cfg_parallel=lay.cfg, ulysses=lay.ulysses, ring=lay.ring), jax.devices()[: lay.devices])
     model = random_transformer(cfg, dtype, backend, mesh, shard_weights=shard_weights, kv_exchange=lay.kv_exchange)
     if mesh is not None and not comm:
-        model.parallel = type(model.parallel)(mesh, shard_weights=shard_weights, kv_exchange=lay.kv_exchange,
-                                              comm=False)
+        model.parallel = dataclasses.replace(model.parallel, comm=False)
     # Inputs on the devices first, so the timing holds no host transfer.
     args = [jax.device_put(a, jax.devices()[0]) if mesh is None else put_replicated(a, mesh) for a in host_inputs]
     t0 = time.perf_counter()
-    forward = jax.jit(lambda m, x, t, c: m(x, t, c), compiler_options=GEMM_COMPILER_OPTIONS)
+    forward = jax.jit(lambda m, x, t, c: m(x, t, c), compiler_options={**GEMM_COMPILER_OPTIONS, **compiler_options})
     compiled = forward.lower(model, *args).compile()
     compile_s = time.perf_counter() - t0
     s = timed(compiled, model, *args, iters=iters)
@@ -342,7 +350,8 @@ def parse_args(argv=None):
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=832)
     p.add_argument("--frames", type=int, default=81)
-    p.add_argument("--layouts", default="all", help="comma-separated c<cfg>u<ulysses>r<ring>, or 'all'")
+    p.add_argument("--layouts", default="all",
+                   help="comma-separated c<cfg>u<ulysses>r<ring>[g|p] (ring K/V all-gathered / permuted), or 'all'")
     p.add_argument("--batch", type=int, default=2, help="2 = both CFG branches of one step")
     p.add_argument("--text-len", type=int, default=512)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])

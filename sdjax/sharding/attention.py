@@ -14,7 +14,9 @@ tokens, the same numbers as one device (fp32: to rounding).
    - "gather": all-gathers K/V once and runs one attention over all keys (the whole sequence's K/V a layer; no
      log-sum-exp, any backend). The same bytes travel; the attention runs at full key length instead of R calls
      on 1/R of the keys plus the merges.
-   On GPUs the permute's transfers were measured not to overlap the attention (benchmarks/NOTES.md, session 16).
+   "auto" gathers on GPUs from R = 4: there the transfers do not overlap the attention either way (our kernel
+   holds every SM), and R hops plus R short calls cost more than one all-gather (Wan-1.3B 480p on 4 H200s,
+   ring 4: 268.6 → 253.9 ms; at R = 2 both within 1%; benchmarks/NOTES.md, session 17).
 3. The inverse all-to-all gives each device its own tokens back, all heads.
 
 Tokens that do not divide P are padded at the end of the sequence by the caller; `true_len` masks them as
@@ -37,7 +39,17 @@ from sdjax.numerics import matmul_precision
 NEG = -1e30
 
 
-KV_EXCHANGES = ("permute", "gather")
+KV_EXCHANGES = ("auto", "permute", "gather")
+
+
+def resolve_kv_exchange(kv_exchange: str, ring: int, platform: str | None = None) -> str:
+    """"auto" -> what measured faster on this platform at this ring size; other values unchanged."""
+    if kv_exchange not in KV_EXCHANGES:
+        raise ConfigError(f"kv_exchange={kv_exchange!r}: expected one of {', '.join(KV_EXCHANGES)}")
+    if kv_exchange != "auto":
+        return kv_exchange
+    platform = platform or jax.devices()[0].platform
+    return "gather" if platform == "gpu" and ring >= 4 else "permute"
 
 
 def sequence_parallel_attention(q, k, v, *, ulysses: int, ring: int, true_len: int, backend: str = "auto",
@@ -126,8 +138,7 @@ RING_BACKENDS = ("auto", "pallas", "pallas_mgpu", "pallas_triton", "cudnn", "xla
 
 
 def check_ring_backend(backend: str, ring: int, kv_exchange: str = "permute") -> None:
-    if kv_exchange not in KV_EXCHANGES:
-        raise ConfigError(f"kv_exchange={kv_exchange!r}: expected one of {', '.join(KV_EXCHANGES)}")
+    """`kv_exchange` resolved (not "auto"): only the permuted ring merges blocks by their log-sum-exp."""
     if ring > 1 and kv_exchange == "permute" and backend not in RING_BACKENDS:
         raise ConfigError(f"attention_backend={backend!r} is not allowed with ring={ring}: ring attention needs "
                           f"the kernel's log-sum-exp; one of {', '.join(RING_BACKENDS)} (or ulysses instead of ring)")

@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sdjax.models.wan.transformer import run_stacked_blocks
-from sdjax.sharding.attention import check_ring_backend, sequence_parallel_attention
+from sdjax.sharding.attention import check_ring_backend, resolve_kv_exchange, sequence_parallel_attention
 from sdjax.sharding.mesh import AXES, SEQ
 
 
@@ -36,7 +36,7 @@ class SequenceParallel:
 
     mesh: Mesh
     shard_weights: bool = False
-    kv_exchange: str = "permute"  # how the ring axis shares K/V (sdjax.sharding.attention: permute | gather)
+    kv_exchange: str = "permute"  # how the ring axis shares K/V: permute | gather (sdjax.sharding.attention)
     comm: bool = True  # False: collectives become local no-ops (wrong numbers; timing the compute alone)
 
     @property
@@ -105,7 +105,7 @@ def _gather_weight(w, spec):
 # ------------------------------------------------------------------------------------------ placement
 
 
-def shard_transformer(model, mesh: Mesh | None, *, shard_weights: bool = False, kv_exchange: str = "permute",
+def shard_transformer(model, mesh: Mesh | None, *, shard_weights: bool = False, kv_exchange: str = "auto",
                       comm: bool = True):
     """Put `model`'s parameters on `mesh` and make its forward run there; returns the model.
 
@@ -115,8 +115,8 @@ def shard_transformer(model, mesh: Mesh | None, *, shard_weights: bool = False, 
     if mesh is None:
         model.parallel = None
         return model
-    # at load time, not at the first step
-    check_ring_backend(model.blocks.attn1.backend, mesh.shape["ring"], kv_exchange)
+    kv_exchange = resolve_kv_exchange(kv_exchange, mesh.shape["ring"], mesh.devices.flat[0].platform)
+    check_ring_backend(model.blocks.attn1.backend, mesh.shape["ring"], kv_exchange)  # at load time
     parallel = SequenceParallel(mesh, shard_weights=shard_weights, kv_exchange=kv_exchange, comm=comm)
     state = nnx.state(model, nnx.Param)
     for path, var in nnx.to_flat_state(state):

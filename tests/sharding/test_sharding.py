@@ -14,7 +14,14 @@ from sdjax.config import ConfigError, SystemConfig
 from sdjax.kernels.attention import attention
 from sdjax.models.wan import load_transformer
 from sdjax.sharding import launch, make_mesh, mesh_for, multihost, shard_transformer
-from sdjax.sharding.attention import NEG, _xla_block, block_attention, check_ring_backend, ring_auto_backend
+from sdjax.sharding.attention import (
+    NEG,
+    _xla_block,
+    block_attention,
+    check_ring_backend,
+    resolve_kv_exchange,
+    ring_auto_backend,
+)
 from tests.conftest import FIXTURES, rel_l2
 
 DIT = FIXTURES / "wan_dit"
@@ -71,8 +78,15 @@ def test_ring_needs_a_kernel_that_returns_the_log_sum_exp():
     for backend in ("cudnn", "pallas", "pallas_mgpu", "pallas_triton"):
         check_ring_backend(backend, 4)
     check_ring_backend("splash", 2, "gather")  # K/V all-gathered: one attention call, no log-sum-exp needed
-    with pytest.raises(ConfigError, match="kv_exchange='ring': expected one of permute, gather"):
-        check_ring_backend("auto", 2, "ring")
+
+
+def test_ring_kv_exchange_auto_gathers_on_gpus_from_ring_4():
+    assert resolve_kv_exchange("auto", 4, "gpu") == "gather"
+    assert resolve_kv_exchange("auto", 2, "gpu") == "permute"
+    assert resolve_kv_exchange("auto", 8, "tpu") == "permute"  # unmeasured there: the ring
+    assert resolve_kv_exchange("permute", 8, "gpu") == "permute"
+    with pytest.raises(ConfigError, match="kv_exchange='ring': expected one of auto, permute, gather"):
+        resolve_kv_exchange("ring", 2, "gpu")
 
 
 @pytest.mark.parametrize("backend", ["pallas", "pallas_triton"])
@@ -163,7 +177,7 @@ def test_bench_layouts():
     assert names == ["c1u1r1", "c1u1r2", "c1u2r1", "c2u1r1", "c1u1r4", "c1u2r2", "c1u4r1", "c2u1r2", "c2u2r1"]
     assert [lay.name for lay in parse_layouts("c2u2r1,c1u1r2", 4)] == ["c1u1r1", "c1u1r2", "c2u2r1"]
     assert Layout.parse("c1u2r2g") == Layout(1, 2, 2, "gather") and Layout(1, 2, 2, "gather").name == "c1u2r2g"
-    assert Layout.parse("c1u2r2").kv_exchange == "permute"
+    assert Layout.parse("c1u2r2p").name == "c1u2r2p" and Layout.parse("c1u2r2").kv_exchange == "auto"
     with pytest.raises(ValueError, match="c<cfg>u<ulysses>r<ring>"):
         Layout.parse("2x2")
     with pytest.raises(ValueError, match="more than the 2 devices"):
