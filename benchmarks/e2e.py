@@ -90,6 +90,8 @@ def main():
     p.add_argument("--psnr-vs-exact", action="store_true",
                    help="a lossy attention backend or a bf16 residual stream: also generate each run with exact "
                         "attention and an fp32 stream (same weights and seed) and report the frames' PSNR against it")
+    p.add_argument("--output-type", choices=("np", "uint8"), default="np",
+                   help="the frames' form (np: float32, as sessions 7-17 measured; uint8: the CLI's and the service's)")
     p.add_argument("--tag", default="", help="suffix of the result file name (runs in one call must not share one)")
     p.add_argument("--long-kv-variant", help="A/B: the exact long-key attention kernel as this variant "
                    "(benchmarks/attention.py syntax, e.g. mgpu:64,192,2,0,1)")
@@ -121,14 +123,16 @@ def main():
     runs = [(steps, c) for steps in map(int, args.steps.split(",")) for c in args.cache.split(",")]
     t0, phases = time.perf_counter(), {}
     if args.warmup == "service":  # every solver and cache policy, as the service
-        phases = {f"warmup_{k}": v for k, v in pipe.warmup(pipe.user_params(prompt="warm up", **kw)).items()}
+        phases = {f"warmup_{k}": v for k, v in
+                  pipe.warmup(pipe.user_params(prompt="warm up", **kw), args.output_type).items()}
     else:  # the step's schedule is padded to a fixed length: 2 steps compile what 50 run
         for c in dict.fromkeys(c for _, c in runs):
-            pipe(PROMPT, num_inference_steps=2, progress=False, cache=cache_arg(c), **kw)
+            pipe(PROMPT, num_inference_steps=2, progress=False, cache=cache_arg(c), output_type=args.output_type,
+                 **kw)
     warm_s = time.perf_counter() - t0
     exact = exact_twin(pipe) if args.psnr_vs_exact else None
     for steps, c in runs:
-        run = dict(num_inference_steps=steps, progress=False, cache=cache_arg(c), **kw)
+        run = dict(num_inference_steps=steps, progress=False, cache=cache_arg(c), output_type=args.output_type, **kw)
         with GpuSampler() as gpu:  # the clock a 50-step run holds (power-capped cards slow down under load)
             r = pipe(PROMPT, **run)
         t = r.info["timings"]
@@ -138,13 +142,14 @@ def main():
                      "computed": r.info["steps_computed"], "cfg": args.guidance > 1,
                      "residual": args.residual_dtype or "bfloat16",
                      "text_encode_s": t["text_encode_s"], "denoise_s": t["denoise_s"],
-                     "per_step_s": t["denoise_s"] / steps, "decode_s": t["decode_s"],
+                     "per_step_s": t["denoise_s"] / steps, "decode_s": t["decode_s"], "frames": args.output_type,
                      "total_s": sum(t.values()), "warmup": args.warmup, "warmup_compile_s": warm_s, **phases,
                      "build_s": build_s,
                      "peak_GiB": peak_gib(), "frames_finite": bool((r.frames == r.frames).all()),
                      **gpu.summary()})
         if exact is not None:
-            rows[-1]["psnr_dB_vs_exact_attention"] = psnr(r.frames, exact(PROMPT, **run).frames)
+            scale = 255.0 if args.output_type == "uint8" else 1.0  # psnr takes [0, 1]
+            rows[-1]["psnr_dB_vs_exact_attention"] = psnr(r.frames / scale, exact(PROMPT, **run).frames / scale)
         print(rows[-1], flush=True)
     write_results("e2e" + (f"_{args.tag}" if args.tag else ""), rows,
                   f"bf16, random weights, {jax.devices()[0].device_kind}; cache as listed.")

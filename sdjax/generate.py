@@ -75,7 +75,7 @@ def main(argv=None) -> int:
         result = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height,
                       width=args.width, num_frames=args.frames, num_inference_steps=args.steps,
                       guidance_scale=args.guidance, seed=args.seed, flow_shift=args.shift, solver=args.solver,
-                      cache=_cache_arg(args))
+                      cache=_cache_arg(args), output_type="uint8")  # what the file holds, rounded on the device
     except (ConfigError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -22,8 +22,10 @@ def _spawning_ffmpeg():
 
 
 def to_uint8(frames: np.ndarray) -> np.ndarray:
-    """(F, H, W, 3) float in [0, 1] -> uint8, rounding to nearest."""
+    """(F, H, W, 3) float in [0, 1] -> uint8, rounding to nearest (uint8 frames pass through)."""
     frames = _checked(frames)
+    if frames.dtype == np.uint8:
+        return frames
     out = np.empty(frames.shape, np.uint8)
     for i, pixels in enumerate(_uint8_frames(frames)):
         out[i] = pixels
@@ -39,7 +41,11 @@ def _checked(frames) -> np.ndarray:
 
 def _uint8_frames(frames: np.ndarray):
     """Each frame as uint8, converted in one cache-sized scratch buffer (whole-video temporaries ran ~3.5x slower:
-    0.19 vs 0.056 s for 81 frames at 480p on a 2-core host, benchmarks/media.py). The yielded array is reused."""
+    0.19 vs 0.056 s for 81 frames at 480p on a 2-core host, benchmarks/media.py). The yielded array is reused.
+    uint8 frames (the pipeline's output_type="uint8", rounded on the device) go as they are."""
+    if frames.dtype == np.uint8:
+        yield from frames
+        return
     scratch = np.empty(frames.shape[1:], np.float32)
     pixels = np.empty(frames.shape[1:], np.uint8)
     for frame in frames:
@@ -51,7 +57,7 @@ def _uint8_frames(frames: np.ndarray):
 
 
 def save(frames: np.ndarray, path: str | Path, fps: int, metadata: dict | None = None) -> Path:
-    """Write `frames` (F, H, W, 3) in [0, 1] to `path` (.mp4, or .png when there is one frame)."""
+    """Write `frames` (F, H, W, 3), float in [0, 1] or uint8, to `path` (.mp4, or .png when there is one frame)."""
     path = Path(path)
     frames = _checked(frames)
     meta = json.dumps(metadata or {}, sort_keys=True, default=str)

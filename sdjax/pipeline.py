@@ -2,7 +2,7 @@
 
     pipe = Pipeline.from_pretrained("Wan2.1-T2V-1.3B-Diffusers", dtype="bfloat16")
     result = pipe(prompt="a cat surfing", num_inference_steps=50, guidance_scale=5.0, seed=0)
-    result.frames  # (F, H, W, 3) float32 in [0, 1];  result.info: seed, per-stage seconds, steps
+    result.frames  # (F, H, W, 3) float32 in [0, 1] (output_type="uint8": 0..255);  result.info: seed, timings, steps
 
 A scheduler (the service) drives the stages one by one: `user_params` → `encode_text` → `denoise` →
 `decode`. Arguments are named as diffusers' `WanPipeline` names them.
@@ -65,9 +65,15 @@ class TextEmbeddings:
     uncond: jax.Array | None
 
 
+# The frames' form on the host: "np" float32 in [0, 1] (diffusers' default), or "uint8" 0..255 — what MP4/PNG files
+# hold, rounded on the device: a quarter of the bytes to copy and no conversion on the host (NOTES, session 16: the
+# 480p/81f decode on 2 GPUs 0.65 -> 0.52 s to the host).
+OUTPUT_TYPES = ("np", "uint8")
+
+
 @dataclass
 class GenerationResult:
-    frames: np.ndarray  # (F, H, W, 3) float32 in [0, 1]
+    frames: np.ndarray  # (F, H, W, 3): float32 in [0, 1], or uint8 with output_type="uint8"
     info: dict = field(default_factory=dict)
 
 
@@ -143,7 +149,7 @@ class Pipeline:
         self.mesh = None if parallel is None else parallel.mesh
         parallel_vae.shard_vae(vae, self.mesh)
         self._encode = jax.jit(lambda enc, ids, mask: enc(ids, mask), compiler_options=GEMM_COMPILER_OPTIONS)
-        self._decode = jit_decode_frames(self.mesh)
+        self._decode = {output_type: jit_decode_frames(self.mesh, output_type) for output_type in OUTPUT_TYPES}
 
     # ------------------------------------------------------------------ construction
 
@@ -273,11 +279,12 @@ class Pipeline:
         return (fold_text_padding(cond, lengths[:B], TEXT_FOLD_ROWS),
                 fold_text_padding(uncond, lengths[B:], TEXT_FOLD_ROWS))
 
-    def decode(self, latents) -> np.ndarray:
-        """Stage 3: VAE decode -> frames (F, H, W, 3) float32 in [0, 1]."""
-        return np.asarray(self._decode(self.vae, jnp.asarray(latents, jnp.float32)))
+    def decode(self, latents, output_type: str = "np") -> np.ndarray:
+        """Stage 3: VAE decode -> frames (F, H, W, 3), float32 in [0, 1] ("np") or uint8 ("uint8")."""
+        _check_output_type(output_type)
+        return np.asarray(self._decode[output_type](self.vae, jnp.asarray(latents, jnp.float32)))
 
-    def warmup(self, params: UserParams) -> dict:
+    def warmup(self, params: UserParams, output_type: str = "np") -> dict:
         """Compile every stage for this request's shape (the service calls it at start-up).
 
         The denoise step is compiled once per solver, cache policy and text form (padding folded for prompts
@@ -288,6 +295,7 @@ class Pipeline:
         and each text form has its own cross-attention shapes — the others then reuse its choices and compile
         side by side (XLA compiles outside the GIL); every variant finally runs one step.
 
+        The decode is compiled for `output_type` (the service's: "uint8").
         Returns where the time went: `leads_s` (the first variant of each text form: compile and one step),
         `side_by_side_s` (the other variants' compiles, wall clock) and `side_by_side_compile_s` (their compile times
         summed: side_by_side_s × workers if nothing serializes them), `runs_s` (their one-step runs), `variants`,
@@ -320,7 +328,7 @@ class Pipeline:
             latents = self.denoise(variant, txt)
         jax.block_until_ready(latents)
         t3 = clock()
-        self.decode(latents)
+        self.decode(latents, output_type)
         return {"leads_s": t1 - t0, "side_by_side_s": t2 - t1, "side_by_side_compile_s": sum(compile_s),
                 "runs_s": t3 - t2, "variants": len(variants), "workers": workers}
 
@@ -331,7 +339,8 @@ class Pipeline:
                  guidance_scale: float | None = None, max_sequence_length: int | None = None,
                  seed: int | None = None, latents=None, prompt_embeds=None, negative_prompt_embeds=None,
                  flow_shift: float | None = None, solver: str | None = None, cache=None,
-                 progress: bool = True) -> GenerationResult:
+                 output_type: str = "np", progress: bool = True) -> GenerationResult:
+        _check_output_type(output_type)  # before any work
         params = self.user_params(
             prompt=prompt, negative_prompt=negative_prompt, height=height, width=width, num_frames=num_frames,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
@@ -354,28 +363,38 @@ class Pipeline:
         timings["denoise_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        frames = self.decode(z)
+        frames = self.decode(z, output_type)
         timings["decode_s"] = time.perf_counter() - t0
         info = {"model": self.config.name, "seed": params.seed, "params": _public(params), "timings": timings,
                 "steps_computed": cache_stats["steps_computed"], "steps_skipped": cache_stats["steps_skipped"]}
         return GenerationResult(frames, info)
 
 
-def jit_decode_frames(mesh=None):
-    """`fn(vae, latents) -> frames (F, H, W, 3)` in [0, 1]: stage 3 as the pipeline compiles it (channels-last convs,
-    the width split over `mesh` when given); benchmarks time this same function.
+def jit_decode_frames(mesh=None, output_type: str = "np"):
+    """`fn(vae, latents) -> frames (F, H, W, 3)`, float32 in [0, 1] or uint8 (`output_type`): stage 3 as the pipeline
+    compiles it (channels-last convs, the width split over `mesh` when given); benchmarks time this same function.
 
     On a mesh the frames leave the program whole on every device (an all-gather): the host then copies one array
     instead of assembling the width-split pieces, 0.65 vs 0.73 s for 480p/81f on 2 GPUs (benchmarks/NOTES.md)."""
     whole = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return jax.jit(lambda v, z: _to_frames(parallel_vae.decode(v, v.denormalize_latents(z), mesh)),
+    _check_output_type(output_type)
+    return jax.jit(lambda v, z: _to_frames(parallel_vae.decode(v, v.denormalize_latents(z), mesh), output_type),
                    compiler_options=VAE_COMPILER_OPTIONS, out_shardings=whole)
 
 
-def _to_frames(video):
-    """VAE output (1, 3, F, H, W) in [-1, 1] -> frames (F, H, W, 3) fp32 in [0, 1], on the device: on the host the
-    strided transpose and three passes over 400 MB (480p, 81 frames) took ~0.4 s (benchmarks/NOTES.md)."""
-    return jnp.clip(video[0].astype(jnp.float32).transpose(1, 2, 3, 0) / 2 + 0.5, 0.0, 1.0)
+def _to_frames(video, output_type: str = "np"):
+    """VAE output (1, 3, F, H, W) in [-1, 1] -> frames (F, H, W, 3) fp32 in [0, 1] or uint8, on the device: on the
+    host the strided transpose and three passes over 400 MB (480p, 81 frames) took ~0.4 s (benchmarks/NOTES.md)."""
+    frames = jnp.clip(video[0].astype(jnp.float32).transpose(1, 2, 3, 0) / 2 + 0.5, 0.0, 1.0)
+    if output_type == "uint8":  # rounded to nearest, as sdjax.media.to_uint8 does on the host
+        return (frames * 255.0 + 0.5).astype(jnp.uint8)
+    return frames
+
+
+def _check_output_type(output_type: str) -> None:
+    if output_type not in OUTPUT_TYPES:
+        raise ConfigError(f"output_type={output_type!r} is not allowed; allowed: {', '.join(OUTPUT_TYPES)} "
+                          "(float32 frames in [0, 1], or uint8)")
 
 
 def _public(params: UserParams) -> dict:

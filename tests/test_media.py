@@ -33,5 +33,11 @@ def test_mp4_and_png_hold_the_frames(tmp_path):
 
     np.testing.assert_array_equal(np.asarray(Image.open(png)), media.to_uint8(frames[:1])[0])
     assert media.read_metadata(png) == {"seed": 4}
+    # uint8 frames (the pipeline's output_type="uint8") are written as they are
+    pixels = media.to_uint8(frames)
+    assert media.to_uint8(pixels) is pixels
+    np.testing.assert_array_equal(np.asarray(Image.open(media.save(pixels[:1], tmp_path / "u8.png", fps=8))),
+                                  pixels[0])
+    np.testing.assert_array_equal(media.read_video(media.save(pixels, tmp_path / "u8.mp4", fps=8)), video)
     with pytest.raises(ValueError, match="PNG holds one frame"):
         media.save(frames, tmp_path / "many.png", fps=8)

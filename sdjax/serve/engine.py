@@ -33,9 +33,10 @@ class Engine(Protocol):
 
     def denoise(self, params, text, *, on_step=None, should_stop=None, stats=None) -> Any: ...  # raises on stop
 
-    def decode(self, latents) -> np.ndarray: ...  # (F, H, W, 3) float32 in [0, 1]
+    # (F, H, W, 3): float32 in [0, 1] ("np") or uint8 ("uint8": what the service writes)
+    def decode(self, latents, output_type: str = "np") -> np.ndarray: ...
 
-    def warmup(self, params) -> dict | None: ...
+    def warmup(self, params, output_type: str = "np") -> dict | None: ...  # compiles decode for output_type
 
 
 EngineFactory = Callable[..., Engine]  # factory(settings, model: str | None) -> Engine

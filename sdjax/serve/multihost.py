@@ -67,8 +67,8 @@ class Executor:
                                                should_stop=synced, stats=self.stats if self.leader else None)
             return Handle(key)
         if op == "decode":
-            (key,) = args
-            return engine.decode(self.results.pop(key))
+            key, output_type = args
+            return engine.decode(self.results.pop(key), output_type)
         raise ValueError(f"multi-host engine: unknown call {op!r}")
 
 
@@ -99,9 +99,9 @@ class LeaderEngine:
     def user_params(self, **kw):
         return self.leader.executor.engines[self.id].user_params(**kw)
 
-    def warmup(self, params) -> None:
+    def warmup(self, params, output_type: str = "np") -> None:
         with self.leader.lock:
-            self.leader.call("warmup", self.id, params)
+            self.leader.call("warmup", self.id, params, output_type)
 
     def encode_text(self, params) -> Handle:
         with self.leader.lock:
@@ -116,9 +116,9 @@ class LeaderEngine:
             finally:
                 ex.on_step = ex.should_stop = ex.stats = None
 
-    def decode(self, latents: Handle):
+    def decode(self, latents: Handle, output_type: str = "np"):
         with self.leader.lock:
-            return self.leader.call("decode", self.id, latents.key)
+            return self.leader.call("decode", self.id, latents.key, output_type)
 
 
 def leader_factory(factory):

@@ -29,6 +29,8 @@ from sdjax.config import ConfigError
 from sdjax.serve import store as S
 from sdjax.serve.engine import Engine, engine_version, write_artefact
 
+FRAMES = "uint8"  # the engine's frames as the files hold them: rounded on the device, a quarter of float32's bytes
+
 log = logging.getLogger("sdjax.serve.worker")
 
 CANCEL_POLL_S = 0.25  # how often a running job re-reads its cancel flag from a shared store
@@ -192,7 +194,7 @@ class Worker:
                 params = engine.user_params(prompt="warm-up", width=w, height=h, num_frames=f, seed=0)
             except ConfigError as e:
                 raise ConfigError(f"allowed shape {w}x{h}x{f} (--sizes/--frames) rejected by the model: {e}") from e
-            phases = engine.warmup(params)
+            phases = engine.warmup(params, output_type=FRAMES)
             if phases:  # where a cold start's time went (compiles alone, side by side, runs)
                 log.info("warmed up", extra={"worker": self.id, "shape": f"{w}x{h}x{f}",
                                              **{k: round(v, 3) for k, v in phases.items()}})
@@ -406,7 +408,7 @@ class Worker:
         job = run.job
         self._set_stage(run, "decode", progress=91)
         t = time.perf_counter()
-        frames = run.engine.decode(run.latents)
+        frames = run.engine.decode(run.latents, output_type=FRAMES)
         skip = run.cache_skip_ratio
         run.latents = None
         self._timed(run, "decode", t)

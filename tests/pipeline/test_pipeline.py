@@ -46,6 +46,21 @@ def test_seed_is_reported_and_reproducible(pipe):
     assert a.frames.shape == (5, 16, 16, 3)
 
 
+def test_uint8_frames_are_the_float_frames_rounded_on_the_device(pipe):
+    """output_type="uint8" (what the CLI and the service write) rounds on the device as `media.to_uint8` does on
+    the host: the same pixels but for the odd value on a rounding boundary (fused multiply-add)."""
+    from sdjax import media
+
+    kw = dict(height=16, width=32, num_frames=5, num_inference_steps=2, seed=7, progress=False)
+    floats = pipe("a cat", **kw).frames
+    pixels = pipe("a cat", output_type="uint8", **kw).frames
+    assert pixels.dtype == np.uint8 and pixels.shape == floats.shape
+    diff = np.abs(pixels.astype(np.int16) - media.to_uint8(floats))
+    assert diff.max() <= 1 and (diff == 0).mean() >= 0.999
+    with pytest.raises(ConfigError, match="output_type='pil' is not allowed; allowed: np, uint8"):
+        pipe("a cat", output_type="pil", **kw)
+
+
 @pytest.mark.parametrize("field, value, allowed", [
     ("num_frames", 10, "4k\\+1"), ("height", 40, "multiple of 16"), ("width", 24, "multiple of 16"),
     ("num_inference_steps", 0, ">= 1"), ("guidance_scale", -1.0, ">= 0"),
@@ -177,7 +192,7 @@ def test_warmup_compiles_the_other_variants_side_by_side_before_their_runs(pipe,
                                                            compile_step(*a))[1])
     monkeypatch.setattr(pipe, "denoise", lambda *a, **k: (denoise_starts.append(time.perf_counter()),
                                                           denoise(*a, **k))[1])
-    monkeypatch.setattr(pipe, "decode", lambda z: denoise_starts.append(time.perf_counter()))  # marks the end
+    monkeypatch.setattr(pipe, "decode", lambda z, *_: denoise_starts.append(time.perf_counter()))  # marks the end
 
     def on_duration(name, _secs, **_):
         if name == "/jax/core/compile/backend_compile_duration":

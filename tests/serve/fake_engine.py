@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from sdjax.config import ModelConfig, ModelDefaults, ModelLimits
+from sdjax.media import to_uint8
 
 DEFAULTS = ModelDefaults(num_inference_steps=8, guidance_scale=5.0, flow_shift=3.0, height=32, width=48,
                          num_frames=5, fps=8, max_sequence_length=16, cache_thresholds={"teacache": 0.1})
@@ -49,6 +50,7 @@ class FakeEngine:
         self.step_seconds = step_seconds
         self.fail_warmup = fail_warmup
         self.warmed: list[tuple[int, int, int]] = []
+        self.output_types: set[str] = set()  # the frames' forms the caller asked for (warm-up and decode)
 
     def user_params(self, **kw):
         return self.config.user_params(**kw)
@@ -78,15 +80,18 @@ class FakeEngine:
             stats.update(steps_computed=n - skipped, steps_skipped=skipped)
         return FakeLatents(z, skipped / n)
 
-    def decode(self, latents: FakeLatents) -> np.ndarray:
+    def decode(self, latents: FakeLatents, output_type: str = "np") -> np.ndarray:
         time.sleep(self.step_seconds)
+        self.output_types.add(output_type)
         frames = np.repeat(np.repeat(latents.array, PATCH, axis=1), PATCH, axis=2)
-        return np.clip(frames, 0.0, 1.0).astype(np.float32)  # (F, H, W, 3)
+        frames = np.clip(frames, 0.0, 1.0).astype(np.float32)  # (F, H, W, 3)
+        return to_uint8(frames) if output_type == "uint8" else frames
 
-    def warmup(self, params) -> dict:
+    def warmup(self, params, output_type: str = "np") -> dict:
         if self.fail_warmup:
             raise RuntimeError("fake engine: warm-up failed (broken weights)")
         self.warmed.append((params.width, params.height, params.num_frames))
+        self.output_types.add(output_type)
         return {"leads_s": 0.0, "side_by_side_s": 0.0, "side_by_side_compile_s": 0.0, "runs_s": 0.0, "variants": 1,
                 "workers": 1}  # the shape of Pipeline.warmup's answer
 

@@ -32,6 +32,9 @@ def test_leader_engine_gives_the_plain_engine_result(settings):
     want = plain.decode(plain.denoise(p, plain.encode_text(p)))
     np.testing.assert_array_equal(frames, want)
     assert steps == list(range(1, 7)) and stats["steps_computed"] == 6
+    pixels = engine.decode(engine.denoise(p, engine.encode_text(p)), "uint8")  # the service's frames
+    assert pixels.dtype == np.uint8
+    np.testing.assert_array_equal(pixels, plain.decode(plain.denoise(p, plain.encode_text(p)), "uint8"))
 
 
 def test_cancel_is_decided_by_the_leader(settings):

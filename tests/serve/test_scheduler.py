@@ -39,10 +39,10 @@ class RecordingEngine(FakeEngine):
         out.prompt = params.prompt
         return out
 
-    def decode(self, latents):
+    def decode(self, latents, output_type="np"):
         def slow():
             time.sleep(0.3)
-            return FakeEngine.decode(self, latents)
+            return FakeEngine.decode(self, latents, output_type)
 
         return self._span((latents.prompt, "decode"), slow)
 
@@ -73,7 +73,9 @@ def run_two_jobs(tmp_path, overlap: bool) -> RecordingEngine:
 
 
 def test_stages_of_two_jobs_overlap(tmp_path):
-    s = run_two_jobs(tmp_path, overlap=True).spans
+    engine = run_two_jobs(tmp_path, overlap=True)
+    assert engine.output_types == {"uint8"}  # warm-up and decode: frames as the files hold them, rounded on device
+    s = engine.spans
     # B's text encoding starts while A denoises (prefetch), and A's decode runs beside B's denoise
     assert s["B", "encode"][0] < s["A", "denoise"][1]
     assert s["B", "denoise"][0] < s["A", "decode"][1]

@@ -34,5 +34,5 @@ def test_pipeline_on_mesh_equals_one_device(reference, name):
     assert np.abs(frames - one).max() <= 1e-5
     # the decode hands the host one whole array (gathered on the devices), not width-split pieces to assemble
     z = np.zeros((1, pipe.vae.config.z_dim, 2, 4, 4), np.float32)
-    assert pipe._decode(pipe.vae, z).sharding.is_fully_replicated
+    assert all(decode(pipe.vae, z).sharding.is_fully_replicated for decode in pipe._decode.values())
     assert np.abs(frames - io["frames_0"]).max() <= 2e-3
