@@ -144,7 +144,12 @@ def main():
         if args.transfer:
             for n in map(int, args.devices.split(",")):
                 rows += bench_transfer(cfg, h, w, n)
-    write_results("vae_decode" + (f"_{args.tag}" if args.tag else ""), rows,
+                write(rows, args.tag)  # after each part: a run cut short keeps what it measured
+    write(rows, args.tag)
+
+
+def write(rows, tag):
+    write_results("vae_decode" + (f"_{tag}" if tag else ""), rows,
                   "Wan VAE decode, random weights, 81 frames (21 latent frames), B=1.")
 
 
