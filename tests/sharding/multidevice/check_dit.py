@@ -158,10 +158,12 @@ def test_sequence_parallel_attention_is_full_attention(ulysses, ring, L, kv_exch
     assert rel_l2(out, attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))) <= 1e-6
 
 
+@pytest.mark.parametrize("kv_exchange", ["permute", "gather"])
 @pytest.mark.parametrize("ulysses, ring", [(1, 8), (2, 4)])
-def test_ring_attention_on_our_kernel_is_full_attention(ulysses, ring):
+def test_ring_attention_on_our_kernel_is_full_attention(ulysses, ring, kv_exchange):
     """bf16 through `pallas` (on a CPU our Triton kernel, interpreted): the ring merges the kernel's blocks by its
-    log-sum-exp to the one-device attention, padding-only ring blocks included (L=9 pads to 16)."""
+    log-sum-exp to the one-device attention, padding-only ring blocks included (L=9 pads to 16); gathered, one
+    kernel call over all keys with the padding masked by kv_len."""
     from sdjax.kernels.attention import attention
 
     m = make_mesh(SystemConfig(ulysses=ulysses, ring=ring))
@@ -171,7 +173,7 @@ def test_ring_attention_on_our_kernel_is_full_attention(ulysses, ring):
     pad = lambda a: jnp.pad(a, ((0, 0), (0, 16 - L), (0, 0), (0, 0)))
     f = jax.jit(jax.shard_map(
         lambda q, k, v: sequence_parallel_attention(q, k, v, ulysses=ulysses, ring=ring, true_len=L,
-                                                    backend="pallas"),
+                                                    backend="pallas", kv_exchange=kv_exchange),
         mesh=m, in_specs=P(None, SEQ), out_specs=P(None, SEQ), check_vma=False))
     out = np.asarray(f(pad(q), pad(k), pad(v)), np.float32)[:, :L]
     assert rel_l2(out, attention(q, k, v, backend="xla").astype(jnp.float32)) <= 1e-2
