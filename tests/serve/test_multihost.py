@@ -67,13 +67,13 @@ def test_a_follower_replaying_the_calls_reaches_the_same_frames(settings):
     p = params(leader.engines[0])
     text = both(("encode", 0, 1, p))
     latents = both(("denoise", 0, text.key, p))
-    frames = both(("decode", 0, latents.key))
+    frames = both(("decode", 0, latents.key, "uint8"))  # the service's frames
     assert [r[0] for r in recorded] == ["build", "encode", "denoise", "decode"]
     assert not leader.results and not follower.results  # nothing left behind
     for engine_id in (1, 2):  # reloads keep the newest two engines
         both(("build", engine_id, None))
     assert sorted(follower.engines) == [1, 2]
-    assert frames.shape == (p.num_frames, p.height, p.width, 3)
+    assert frames.shape == (p.num_frames, p.height, p.width, 3) and frames.dtype == np.uint8
 
 
 def test_model_config_reaches_the_service(settings):
