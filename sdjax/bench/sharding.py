@@ -194,9 +194,10 @@ def comm_only_seconds(cfg, layout: Layout, mesh, L: int, batch: int, dtype: str,
     x = jnp.zeros((batch, Lp, Np, cfg.attention_head_dim), jnp.dtype(dtype))
     perm = [(i, (i + 1) % R) for i in range(R)]
 
-    def one_layer(_, x):  # q, k, v to heads; K/V around the ring; the output back to tokens
+    gather = R > 1 and resolve_kv_exchange(layout.kv_exchange, R, mesh.devices.flat[0].platform) == "gather"
+
+    def one_layer(_, x):  # q, k, v to heads; K/V around the ring (or gathered); the output back to tokens
         q, k, v = (jax.lax.all_to_all(x * s, "ulysses", 2, 1, tiled=True) if U > 1 else x * s for s in (1, 2, 3))
-        gather = R > 1 and resolve_kv_exchange(layout.kv_exchange, R, mesh.devices.flat[0].platform) == "gather"
         if gather:
             # the gathered blocks summed back to one: every byte is used, so no part of the gather is dropped
             k, v = (jax.lax.all_gather(t, "ring", axis=1).sum(1) for t in (k, v))

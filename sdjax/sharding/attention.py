@@ -61,6 +61,7 @@ def sequence_parallel_attention(q, k, v, *, ulysses: int, ring: int, true_len: i
     """
     B, T, N, K = q.shape
     Lp = T * ring * ulysses
+    kv_exchange = resolve_kv_exchange(kv_exchange, ring)
     if ulysses > 1:
         Np = -(-N // ulysses) * ulysses
         if Np != N:  # zero heads attend uniformly to zero values: finite, and dropped below
