@@ -1,5 +1,5 @@
 """Helpers of the GPU benchmarks that can be checked here: the clock/power sampler's parsing and its CPU fallback, the
-profile's idle-gap accounting."""
+profile's idle-gap accounting, and how a trace's collective time splits by what runs beside it."""
 
 import pytest
 
@@ -33,3 +33,18 @@ def test_idle_gaps_count_only_gaps_inside_a_call():
     assert by_next["b"] == pytest.approx((2 + 3) / 2 / 1e3) and by_next["c"] == pytest.approx((3 + 2) / 2 / 1e3)
     # overlapping kernels (two streams) leave no gap
     assert idle_gaps([("x", 10.0, 0.0), ("y", 4.0, 5.0), ("z", 1.0, 10.0)], calls=1)[0] == 0.0
+
+
+def test_collective_overlap_splits_transfer_time_by_what_runs_beside_it():
+    from benchmarks.collective_overlap import overlap
+
+    # one call (name, start µs, end µs): a transfer 50-150 beside the attention (0-100) and a GEMM (120-130),
+    # another 200-210 alone
+    kernels = [("mosaic_gpu_attention", 0.0, 100.0), ("ncclDevKernel_SendRecv", 50.0, 150.0),
+               ("sm90_xmma_gemm", 120.0, 130.0), ("ncclDevKernel_AllGather_RING_LL", 200.0, 210.0)]
+    r = overlap(kernels, calls=1)
+    assert r["collective_ms"] == pytest.approx(0.110)
+    assert r["under_compute_ms"] == pytest.approx(0.060) and r["under_attention_ms"] == pytest.approx(0.050)
+    assert r["exposed_ms"] == pytest.approx(0.050)
+    assert r["attention_ms"] == pytest.approx(0.100) and r["gemm_ms"] == pytest.approx(0.010)
+    assert r["top"].startswith("ncclDevKernel_SendRecv 0.1")
