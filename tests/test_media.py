@@ -39,5 +39,7 @@ def test_mp4_and_png_hold_the_frames(tmp_path):
     np.testing.assert_array_equal(np.asarray(Image.open(media.save(pixels[:1], tmp_path / "u8.png", fps=8))),
                                   pixels[0])
     np.testing.assert_array_equal(media.read_video(media.save(pixels, tmp_path / "u8.mp4", fps=8)), video)
+    strided = np.repeat(pixels, 2, axis=2)[:, :, ::2]  # a strided view, as a caller's slice may be
+    np.testing.assert_array_equal(media.read_video(media.save(strided, tmp_path / "s.mp4", fps=8)), video)
     with pytest.raises(ValueError, match="PNG holds one frame"):
         media.save(frames, tmp_path / "many.png", fps=8)
