@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import gzip
 import json
 import os
 import re
@@ -25,28 +24,12 @@ from pathlib import Path
 import jax
 
 from benchmarks.common import card_name, write_results
+from benchmarks.profile_step import gpu_timelines, kind_of
 from sdjax.bench.sharding import Layout, inputs, latent_shape, random_transformer, token_count, transformer_config
 from sdjax.numerics import GEMM_COMPILER_OPTIONS
 
 COLLECTIVE = re.compile(r"nccl|memcpy.*(p2p|peer|ptop)", re.I)
 COPY = re.compile(r"memcpy|memset", re.I)
-ATTENTION = re.compile(r"mosaic|flash|attention|fmha", re.I)
-GEMM = re.compile(r"gemm|xmma|cutlass|cublas|sm90_|nvjet", re.I)
-
-
-def timelines(trace_dir: Path) -> dict[str, list[tuple[str, float, float]]]:
-    """{device process name: [(kernel name, start µs, end µs)]} from the Perfetto trace under `trace_dir`."""
-    path = next(trace_dir.rglob("perfetto_trace.json.gz"))
-    events = json.loads(gzip.decompress(path.read_bytes()))
-    events = events["traceEvents"] if isinstance(events, dict) else events
-    names = {e["pid"]: str(e.get("args", {}).get("name", "")) for e in events
-             if e.get("ph") == "M" and e.get("name") == "process_name"}
-    gpus = {pid: n for pid, n in names.items() if re.search(r"GPU|device", n, re.I) and "host" not in n.lower()}
-    out = collections.defaultdict(list)
-    for e in events:
-        if e.get("ph") == "X" and e.get("pid") in gpus and "dur" in e:
-            out[gpus[e["pid"]]].append((e["name"], float(e["ts"]), float(e["ts"]) + float(e["dur"])))
-    return dict(out)
 
 
 def union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -73,21 +56,22 @@ def covered(spans: list[tuple[float, float]], by: list[tuple[float, float]]) -> 
 
 
 def overlap(kernels: list[tuple[str, float, float]], calls: int) -> dict:
-    """ms a call: collectives' union, the part under any compute kernel, under the attention, and exposed."""
-    coll = union([(a, b) for n, a, b in kernels if COLLECTIVE.search(n)])
-    compute = union([(a, b) for n, a, b in kernels if not COLLECTIVE.search(n) and not COPY.search(n)])
-    attn = union([(a, b) for n, a, b in kernels if ATTENTION.search(n)])
-    total = sum(b - a for a, b in coll)
-    under = covered(coll, compute)
-    busy = lambda pattern: sum(b - a for a, b in union([(a, b) for n, a, b in kernels if pattern.search(n)]))
+    """ms a call from one GPU's (kernel name, µs, start µs): the collectives' union, the part under any compute
+    kernel, under the attention, and exposed; the attention's and the GEMMs' busy time (`profile_step.kind_of`)."""
+    spans = lambda keep: union([(ts, ts + us) for n, us, ts in kernels if keep(n)])
+    coll = spans(COLLECTIVE.search)
+    compute = spans(lambda n: not COLLECTIVE.search(n) and not COPY.search(n))
+    attn = spans(lambda n: kind_of(n) == "attention")
+    gemm = spans(lambda n: kind_of(n) == "gemm")
+    length = lambda merged: sum(b - a for a, b in merged) / calls / 1e3
+    under = covered(coll, compute) / calls / 1e3
     names = collections.Counter()
-    for n, a, b in kernels:
+    for n, us, _ in kernels:
         if COLLECTIVE.search(n):
-            names[re.sub(r"\(.*", "", n)[:60]] += (b - a) / calls / 1e3
-    return {"collective_ms": total / calls / 1e3, "under_compute_ms": under / calls / 1e3,
-            "under_attention_ms": covered(coll, attn) / calls / 1e3, "exposed_ms": (total - under) / calls / 1e3,
-            "compute_ms": sum(b - a for a, b in compute) / calls / 1e3,
-            "attention_ms": busy(ATTENTION) / calls / 1e3, "gemm_ms": busy(GEMM) / calls / 1e3,
+            names[re.sub(r"\(.*", "", n)[:60]] += us / calls / 1e3
+    return {"collective_ms": length(coll), "under_compute_ms": under,
+            "under_attention_ms": covered(coll, attn) / calls / 1e3, "exposed_ms": length(coll) - under,
+            "compute_ms": length(compute), "attention_ms": length(attn), "gemm_ms": length(gemm),
             "top": ", ".join(f"{n} {ms:.1f}" for n, ms in names.most_common(3))}
 
 
@@ -123,7 +107,7 @@ def main():
             with jax.profiler.trace(tmp, create_perfetto_trace=True):
                 for _ in range(args.calls):
                     jax.block_until_ready(compiled(model, x, t, c))
-            lines = timelines(Path(tmp))
+            lines = gpu_timelines(Path(tmp))
         for device, kernels in sorted(lines.items()):
             row = {"layout": lay.name, "device": device, "ms": sorted(times)[1] * 1e3,
                    "tokens": token_count(cfg, shape), **overlap(kernels, args.calls)}

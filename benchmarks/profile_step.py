@@ -54,19 +54,27 @@ def kind_of(name: str) -> str:
     return next((kind for kind, pattern in KINDS if pattern.search(name)), "other")
 
 
-def device_kernels(trace_dir: Path) -> list[tuple[str, float, float]]:
-    """(kernel name, µs, start µs) for every GPU event of the Perfetto trace under `trace_dir`."""
+def gpu_timelines(trace_dir: Path) -> dict[str, list[tuple[str, float, float]]]:
+    """{device process name: [(kernel name, µs, start µs)]} from the Perfetto trace under `trace_dir`."""
     path = next(trace_dir.rglob("perfetto_trace.json.gz"))
     events = json.loads(gzip.decompress(path.read_bytes()))
     events = events["traceEvents"] if isinstance(events, dict) else events
-    gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
-                and re.search(r"GPU|device", str(e.get("args", {}).get("name", "")), re.I)
-                and "host" not in str(e.get("args", {}).get("name", "")).lower()}
-    if not gpu_pids:
-        names = [e.get("args", {}).get("name") for e in events if e.get("name") == "process_name"]
-        raise SystemExit(f"no device timeline in the trace (processes: {names}); this script needs a GPU")
-    return [(e["name"], float(e["dur"]), float(e["ts"])) for e in events
-            if e.get("ph") == "X" and e.get("pid") in gpu_pids and "dur" in e]
+    names = {e["pid"]: str(e.get("args", {}).get("name", "")) for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    gpus = {pid: n for pid, n in names.items() if re.search(r"GPU|device", n, re.I) and "host" not in n.lower()}
+    if not gpus:
+        raise SystemExit(f"no device timeline in the trace (processes: {list(names.values())}); this script needs "
+                         "a GPU")
+    out = collections.defaultdict(list)
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") in gpus and "dur" in e:
+            out[gpus[e["pid"]]].append((e["name"], float(e["dur"]), float(e["ts"])))
+    return dict(out)
+
+
+def device_kernels(trace_dir: Path) -> list[tuple[str, float, float]]:
+    """(kernel name, µs, start µs) for every GPU event of the Perfetto trace under `trace_dir`."""
+    return [k for kernels in gpu_timelines(trace_dir).values() for k in kernels]
 
 
 def idle_gaps(kernels: list[tuple[str, float, float]], calls: int) -> tuple[float, dict[str, float]]:

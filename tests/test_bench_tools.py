@@ -38,10 +38,10 @@ def test_idle_gaps_count_only_gaps_inside_a_call():
 def test_collective_overlap_splits_transfer_time_by_what_runs_beside_it():
     from benchmarks.collective_overlap import overlap
 
-    # one call (name, start µs, end µs): a transfer 50-150 beside the attention (0-100) and a GEMM (120-130),
+    # one call (name, µs, start µs): a transfer 50-150 beside the attention (0-100) and a GEMM (120-130),
     # another 200-210 alone
-    kernels = [("mosaic_gpu_attention", 0.0, 100.0), ("ncclDevKernel_SendRecv", 50.0, 150.0),
-               ("sm90_xmma_gemm", 120.0, 130.0), ("ncclDevKernel_AllGather_RING_LL", 200.0, 210.0)]
+    kernels = [("mosaic_gpu_attention", 100.0, 0.0), ("ncclDevKernel_SendRecv", 100.0, 50.0),
+               ("sm90_xmma_gemm", 10.0, 120.0), ("ncclDevKernel_AllGather_RING_LL", 10.0, 200.0)]
     r = overlap(kernels, calls=1)
     assert r["collective_ms"] == pytest.approx(0.110)
     assert r["under_compute_ms"] == pytest.approx(0.060) and r["under_attention_ms"] == pytest.approx(0.050)
