@@ -51,6 +51,10 @@ SHAPES = {  # name: (B, T, S, N, H, dtype, kv_len or None)
     "wan1.3b_480p_cross_fold": (2, 32760, 128, 12, 128, "bfloat16", None),
     "wan1.3b_480p_cross128": (2, 32760, 128, 12, 128, "bfloat16", None),
     "wan14b_480p_cross_fold": (2, 32760, 128, 40, 128, "bfloat16", None),
+    # q scaled by Q_SCALE: logits spread wider than unit-normal q and k give (peaked rows).
+    "wan1.3b_480p_q3": (1, 32760, 32760, 12, 128, "bfloat16", None),
+    "wan1.3b_480p_q8": (1, 32760, 32760, 12, 128, "bfloat16", None),
+    "wan1.3b_480p_q16": (1, 32760, 32760, 12, 128, "bfloat16", None),
     "small_d64_ragged": (2, 1000, 777, 3, 64, "bfloat16", 300),
     "small_odd_q_tiles": (2, 300, 1000, 3, 128, "bfloat16", 450),  # 3 CTAs of 128 rows: a cluster's 2nd CTA idles
     "small_d64_ragged_fp16": (2, 1000, 777, 3, 64, "float16", 300),
@@ -63,8 +67,14 @@ SHAPES = {  # name: (B, T, S, N, H, dtype, kv_len or None)
 FOLDED = {"wan1.3b_480p_cross_fold": (20, 1), "wan14b_480p_cross_fold": (20, 1), "small_fold": (7, 1),
           "tiny_cpu_fold": (5, 1)}
 TEXT_ROWS = 512
+# q's scale per shape (1 if absent), against unit-normal k: logits spread wider, rows peak. For the exact kernel's
+# `frozen_max` (its held maximum m = max(first block's maximum, bound - margin)): x3 holds m with later logits up to
+# ~2^6 above it (P > 1), x8 holds an m raised above the first block's maximum in some warpgroups (P < 1) and keeps the
+# online maximum in others, x16 keeps the online maximum everywhere.
+Q_SCALE = {"wan1.3b_480p_q3": 3.0, "wan1.3b_480p_q8": 8.0, "wan1.3b_480p_q16": 16.0}
 DEFAULT_SHAPES = [s for s in SHAPES if not s.startswith("tiny_cpu")]
-# Kernel-config variants timed by --sweep, per shape: mgpu[_int8]:block_q,block_kv,stages,overlap,pingpong[,cluster] and
+# Kernel-config variants timed by --sweep, per shape: mgpu[_int8]:block_q,block_kv,stages,overlap,pingpong[,cluster
+# [,frozen_max]] and
 # triton:block_q,block_k,num_warps,num_stages (cuDNN first as the same-process baseline).
 SWEEP = {
     "wan1.3b_480p": ("cudnn", "mgpu:64,192,2,0,1", "mgpu:64,192,2,0,1,2", "mgpu:64,192,2,0,1,4",
@@ -125,9 +135,10 @@ def card_slug(name: str) -> str:
 
 def _mgpu_config(spec: str):
     _, flash_mgpu, _ = _import_kernels()
-    bq, bkv, st, ov, pp, *cluster = (int(x) for x in spec.split(":")[1].split(","))
+    bq, bkv, st, ov, pp, *rest = (int(x) for x in spec.split(":")[1].split(","))
+    cluster, frozen_max = (rest + [1, 0][len(rest):])[:2]
     return flash_mgpu.MgpuConfig(block_q=bq, block_kv=bkv, stages=st, overlap=bool(ov), pingpong=bool(pp),
-                                 cluster=cluster[0] if cluster else 1)
+                                 cluster=cluster, frozen_max=bool(frozen_max))
 
 
 def _best_swept(log: Path, long_kv: bool) -> str | None:
@@ -221,8 +232,8 @@ def run_worker(shape: str, specs: list[str], log: Path):
     kq, kk, kv = jax.random.split(jax.random.key(zlib.crc32(shape.encode())), 3)
     # Drawn in fp32 and rounded, like a GEMM's output: bf16 draws of jax.random.normal carry a rounding bias on
     # the e4m3 grid that inflated the fp8 P V error 7x (benchmarks/NOTES.md, session 4, runs 10-12).
-    q, k, v = (jax.random.normal(key, (B, L, N, H), jnp.float32).astype(dtype)
-               for key, L in ((kq, T), (kk, S), (kv, S)))
+    q, k, v = (jax.random.normal(key, (B, L, N, H), jnp.float32) for key, L in ((kq, T), (kk, S), (kv, S)))
+    q, k, v = (q * Q_SCALE.get(shape, 1.0)).astype(dtype), k.astype(dtype), v.astype(dtype)
     kv_len = None if kvl is None else jnp.asarray([kvl] + [S] * (B - 1), jnp.int32)
     key_bias = jnp.asarray(folded_key_bias(shape)) if shape in FOLDED else None
     args = (q, k, v) if kv_len is None else (q, k, v, kv_len)
@@ -360,8 +371,9 @@ def main():
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--log", help=argparse.SUPPRESS)
     ap.add_argument("--mgpu-config", help="run pallas_mgpu (and what calls it) with this variant "
-                    "(mgpu:bq,bkv,stages,overlap,pingpong) instead of flash_mgpu.default_config; 'best': the "
-                    "fastest swept variant for the shape's key-length class (needs --sweep)")
+                    "(mgpu:bq,bkv,stages,overlap,pingpong[,cluster[,frozen_max]]) instead of "
+                    "flash_mgpu.default_config; 'best': the fastest swept variant for the shape's key-length class "
+                    "(needs --sweep)")
     a = ap.parse_args()
     if a.write_table:
         return write_table(a.write_table)

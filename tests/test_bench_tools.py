@@ -48,3 +48,14 @@ def test_collective_overlap_splits_transfer_time_by_what_runs_beside_it():
     assert r["exposed_ms"] == pytest.approx(0.050)
     assert r["attention_ms"] == pytest.approx(0.100) and r["gemm_ms"] == pytest.approx(0.010)
     assert r["top"].startswith("ncclDevKernel_SendRecv 0.1")
+
+
+def test_attention_bench_kernel_variant_syntax():
+    """mgpu:block_q,block_kv,stages,overlap,pingpong[,cluster[,frozen_max]] (benchmarks/attention.py, dit_step.py)."""
+    from benchmarks.attention import _mgpu_config
+    from sdjax.kernels.flash_mgpu import MgpuConfig
+
+    assert _mgpu_config("mgpu:64,192,2,0,1") == MgpuConfig(block_kv=192)
+    assert _mgpu_config("mgpu:64,192,2,0,1,2") == MgpuConfig(block_kv=192, cluster=2)
+    assert _mgpu_config("mgpu:64,192,2,0,1,2,1") == MgpuConfig(block_kv=192, cluster=2, frozen_max=True)
+    assert _mgpu_config("mgpu:64,128,3,1,0") == MgpuConfig(block_kv=128, stages=3, overlap=True, pingpong=False)

@@ -16,9 +16,12 @@ Clusters (`cluster=2`): two CTAs with neighbouring query blocks of one head run 
 is loaded from L2 once for both — each CTA's TMA fetches half and multicasts it into both shared memories — so
 the L2 -> SMEM traffic halves (~5 TB/s at Wan-1.3B 480p without it: every 128 query rows read all of K and V).
 A slot is refilled only when the consumers of both CTAs have released it (a cluster barrier).
+Held maxima (`frozen_max`, exact): after the first key block a warpgroup may fix its rows' maxima for the rest, so
+the later blocks' softmax is exp2, row sum and P's conversion alone (no maximum, no rescale of O and l) — where the
+rows' Cauchy–Schwarz bounds |q_i| · max_j |k_j| prove every exponential stays in range (`FROZEN_MAX_MARGIN`).
 `default_config(S)` picks the variant measured fastest on an H200 for the key length: 192-key blocks with
-ping-pong in clusters of 2 for long self-attention (651 TFLOP/s at Wan-1.3B 480p vs cuDNN's 558 through JAX),
-128-key blocks with the overlap schedule for short (text) keys.
+ping-pong in clusters of 2 and held maxima for long self-attention (682 TFLOP/s at Wan-1.3B 480p vs cuDNN's 558
+through JAX), 128-key blocks with the overlap schedule for short (text) keys.
 
 Lossy int8 mode (`int8_qk=True`, SageAttention's recipe): k is smoothed (its mean over tokens removed — the
 softmax does not see it), q is rounded to int8 with one scale per token and head, k with one per 192-key block
@@ -82,6 +85,10 @@ class MgpuConfig:
     # CTAs of a cluster (1, 2 or 4): neighbouring query blocks of one head that share each K/V block, loaded from L2
     # once and multicast into every CTA's shared memory (TMA multicast): 1 / cluster of the L2 -> SMEM traffic.
     cluster: int = 1
+    # Exact: the rows' maxima are fixed after the first key block (`FROZEN_MAX_MARGIN`), so the later blocks' softmax
+    # has no maximum and O and l no rescale — taken by a warpgroup only where the logits' Cauchy–Schwarz bound proves
+    # the fixed maximum keeps every exponential in range.
+    frozen_max: bool = False
 
     def __post_init__(self):
         if self.block_q % 64 or self.block_kv % 64:
@@ -90,16 +97,21 @@ class MgpuConfig:
             raise ValueError(f"MgpuConfig: stages must be >= 2, got {self.stages}")
         if self.cluster not in (1, 2, 4):
             raise ValueError(f"MgpuConfig: cluster must be 1, 2 or 4, got {self.cluster}")
+        if self.frozen_max and (self.overlap or not self.pingpong):
+            raise ValueError(f"MgpuConfig: frozen_max needs the ping-pong schedule (overlap=False, pingpong=True), "
+                             f"got {self}")
 
 
 # Measured on an H200 (benchmarks/NOTES.md, Attention; benchmarks/results/attention_h200*.json):
 # - long key sequences (32,760 and 75,600): 192-key blocks with the ping-pong schedule, 637-653 TFLOP/s
 #   (128-key blocks: 603-608; 128 + FA3 overlap without ping-pong: 632-649, within run-to-run noise), and each
 #   K/V block multicast to a cluster of 2 CTAs: 10.13 vs 10.34-10.37 ms at Wan-1.3B 480p (NOTES, session 8) —
-#   but not with int8 Q Kᵀ (9.56 vs 9.44) or fp8 P V (8.06 vs 8.07), which keep one CTA;
+#   but not with int8 Q Kᵀ (9.56 vs 9.44) or fp8 P V (8.06 vs 8.07), which keep one CTA; and the rows' maxima fixed
+#   after the first key block (`frozen_max`): Wan-1.3B 480p 9.68-9.94 vs 9.92-10.14 ms, 720p 50.8 vs 52.6, the
+#   forward -1.3 to -2.7% (NOTES, session 18) — where a warpgroup's bound test fails it runs ~7% slower than without;
 # - 512 text keys: 192-key blocks pad the third block (387 TFLOP/s), so 128-key blocks with the overlap
 #   schedule and no ping-pong (462; the ping-pong 128 variant: 444).
-LONG_KV_CONFIG = MgpuConfig(block_kv=192, cluster=2)
+LONG_KV_CONFIG = MgpuConfig(block_kv=192, cluster=2, frozen_max=True)
 LONG_KV_INT8_CONFIG = MgpuConfig(block_kv=192)
 SHORT_KV_CONFIG = MgpuConfig(block_kv=128, overlap=True, pingpong=False)
 LONG_KV_FROM = 4096  # keys; measured points: 512 (short wins), 32,760 and 75,600 (long wins)
@@ -110,6 +122,16 @@ BIAS_CHUNK = 256  # elements of one TMA copy (its box limit)
 # fp8 P V reads V transposed (keys last), so key blocks are whole 128-byte rows of fp8: 128 keys. Ping-pong with 4
 # stages measured 8.20 ms, 3: 8.33, 2: 8.74, without ping-pong 9.30+ (benchmarks/results/attention_fp8_sweep_h200).
 FP8_PV_CONFIG = MgpuConfig(block_kv=128, stages=4)
+
+# With `frozen_max` a row's exponentials are taken against an m fixed after the first key block: the softmax is the
+# same for any m (O / l cancels it); the online maximum only keeps exp2(logit - m) in range, and so does this m. With
+# b the row's Cauchy–Schwarz bound |q_i| · max_j |k_j| on its logits and m0 its first block's maximum (log2 units),
+# m = max(m0, b - MARGIN): no logit exceeds m by more than MARGIN (P <= 2^MARGIN), and where b - m0 <= 2 · MARGIN
+# the row's true maximum is at most MARGIN below m (its P >= 2^-MARGIN). A warpgroup holds m when all its rows pass
+# that test, and keeps the online maximum otherwise. Held, l <= 2^MARGIN · S and O <= l · max|v| stay finite in fp32
+# for max|v| < 2^(127 - MARGIN - log2 S) (2^43 at 1M keys), and P stays a normal bf16 number, so its rounding is the
+# same relative error as with the online maximum (measured: benchmarks/NOTES.md, session 18).
+FROZEN_MAX_MARGIN = 64.0
 
 
 def default_config(S: int, int8_qk: bool = False) -> MgpuConfig:
@@ -162,7 +184,10 @@ def flash_attention_mgpu(q, k, v, kv_len=None, *, key_bias=None, config: MgpuCon
         raise ValueError(f"flash_attention_mgpu: fp8_pv needs int8_qk, 128-key blocks, no overlap; got {config}")
     if return_lse and int8_qk:
         raise ValueError("flash_attention_mgpu: return_lse only in exact mode (int8_qk=False, fp8_pv=False)")
+    if config.frozen_max and (int8_qk or key_bias is not None):
+        raise ValueError(f"flash_attention_mgpu: frozen_max only in exact mode without key_bias; got {config}")
     out_dtype = v.dtype
+    k_norms = max_key_norms(k) if config.frozen_max else None
     if int8_qk:
         q, k, *qk_scales = quantize_qk_int8(q, k, config.block_q, config.block_kv, config.cluster)
         if fp8_pv:
@@ -181,12 +206,18 @@ def flash_attention_mgpu(q, k, v, kv_len=None, *, key_bias=None, config: MgpuCon
     v_scale = None
     if fp8_pv:
         v, v_scale = quantize_v_fp8(v)
-    out = _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, S=S, stages=stages, config=config,
+    out = _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, k_norms, S=S, stages=stages, config=config,
                       out_dtype=out_dtype, with_lse=return_lse)
     if return_lse:
         out, lse = out
         return out[:, :T], lse[:, :, :T].transpose(0, 2, 1)
     return out[:, :T] if out.shape[1] != T else out
+
+
+def max_key_norms(k):
+    """max_j |k_j| per batch row and head, (B, N) fp32: with |q_i| (which the kernel takes from Q in shared memory)
+    each query row's Cauchy–Schwarz bound on its logits (`frozen_max`)."""
+    return jnp.sqrt(jnp.max(jnp.sum(jnp.square(k.astype(jnp.float32)), axis=-1), axis=1))
 
 
 K_MEAN_SAMPLES = 4096
@@ -333,13 +364,14 @@ def _pad_tokens(x, length: int):
     return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
 
 
-def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, *, S: int, stages: int, config: MgpuConfig,
+def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, k_norms, *, S: int, stages: int, config: MgpuConfig,
                 out_dtype, with_lse: bool = False):
     """The kernel proper; keys at or past S (or kv_len) are masked whatever k's padded length.
     `with_lse`: returns (O, lse (B, N, T) fp32, natural log) instead of O.
     `key_bias` (B, S') fp32 in log2 units (S' = k's padded length), added to each key's logits, or None.
     `qk_scales` = (q_scale, k_scale) per block when q, k are int8 (`quantize_qk_int8`), else None;
-    `v_scale` = V's per-head scale when v is fp8 (`quantize_v_fp8`), else None."""
+    `v_scale` = V's per-head scale when v is fp8 (`quantize_v_fp8`), else None;
+    `k_norms` = the heads' largest key norms with `config.frozen_max` (`max_key_norms`), else None."""
     B, T, N, H = q.shape
     fp8_pv = v_scale is not None  # v is then (B, N, H, S') float8 (`quantize_v_fp8`)
     dtype = out_dtype  # of O, and of P and V unless they are fp8; q/k may be int8 (Q Kᵀ on int8 tensor cores)
@@ -355,6 +387,7 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, *, S: int, stages
     free_barrier = functools.partial(plgpu.ClusterBarrier, collective_axes=("cluster",)) if clustered else plgpu.Barrier
     with_kv_len = kv_len is not None
     with_bias = key_bias is not None
+    frozen_max = k_norms is not None
     S_bias = key_bias.shape[1] if with_bias else 0
     bias_chunks = pl.cdiv(S_bias, BIAS_CHUNK)
 
@@ -365,7 +398,7 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, *, S: int, stages
         kv_end = jnp.clip(kv_len_ref[b], 1, S)
         return kv_end, (kv_end + block_kv - 1) // block_kv, kv_end // block_kv
 
-    def kernel(q_ref, k_ref, v_ref, kv_len_ref, bias_ref, scale_refs, v_scale_ref, o_ref, lse_ref, scoped):
+    def kernel(q_ref, k_ref, v_ref, kv_len_ref, bias_ref, scale_refs, v_scale_ref, k_norms_ref, o_ref, lse_ref, scoped):
         qi, h, b = lax.axis_index("q"), lax.axis_index("heads"), lax.axis_index("batch")
         wg = lax.axis_index("wg")
         if int8_qk:  # logit scales of key block j: the rows' q scales (x log2(e)/sqrt(H)) x block j's k scale
@@ -382,8 +415,9 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, *, S: int, stages
             plgpu.barrier_arrive(sched)
             plgpu.barrier_wait(sched)
 
-        def softmax(s, m, l, j, masked, q_rows):
-            """Online-softmax update for key block j: returns (P in V's dtype, m, l, alpha)."""
+        def softmax(s, m, l, j, masked, q_rows, frozen=False):
+            """Online-softmax update for key block j: returns (P in V's dtype, m, l, alpha); `frozen`: m is held
+            (alpha None, nothing to rescale)."""
             scale = logit_scale(j, q_rows)
             if int8_qk:  # (int32 -> fp32 through a float-bits trick instead of I2F measured slower: NOTES)
                 s = s.astype(jnp.float32)
@@ -395,6 +429,9 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, *, S: int, stages
                 cols = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
                 keys = fp8_pv_key_of_column(cols) if fp8_pv else cols
                 s = jnp.where(keys < kv_end - j * block_kv, s, -jnp.inf)
+            if frozen:
+                p = jnp.exp2(s * scale - lax.broadcast_in_dim(m, s.shape, [0]))
+                return p.astype(dtype), m, l + p.sum(axis=1), None
             m_new = jnp.maximum(m, s.max(axis=1) * scale)
             alpha = jnp.exp2(m - m_new)
             offset = m_new - P_FP8_LOG2_SCALE if fp8_pv else m_new
@@ -403,10 +440,10 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, *, S: int, stages
             l = l * alpha + p.sum(axis=1)
             return (_p_to_fp8(p) if fp8_pv else p.astype(dtype)), m_new, l, alpha
 
-        def two_phase(q_smem, q_rows, carry0):
+        def two_phase(q_smem, q_rows, row_bound, carry0):
             """Schedule without intra-warpgroup overlap: S = QKᵀ; softmax; O += PV, per block."""
 
-            def body(j, carry, masked):
+            def body(j, carry, masked, frozen=False, decide=False):
                 acc, m, l = carry
                 slot = lax.rem(j, stages)
 
@@ -418,10 +455,16 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, *, S: int, stages
 
                 s = pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), s_dtype))
                 plgpu.barrier_arrive(k_free.at[slot])
-                p, m, l, alpha = softmax(s, m, l, j, masked, q_rows)
-                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                p, m, l, alpha = softmax(s, m, l, j, masked, q_rows, frozen)
+                if not frozen:
+                    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                # `decide` (block 0 with frozen_max): whether this warpgroup holds m from here on, one value for all
+                # its threads (its wgmmas must take one branch). Decided inside its ping-pong softmax phase: the
+                # cross-warp reduction's shared-memory scratch is the kernel's one, and the two warpgroups' softmax
+                # phases never overlap.
+                slack = jnp.max(row_bound - m) if decide else None  # held when <= 2 · FROZEN_MAX_MARGIN
                 # Keeps the scheduler from sinking the softmax past the barrier (as in jax's example).
-                acc, m, l, p = lax.optimization_barrier((acc, m, l, p))
+                acc, m, l, p, slack = lax.optimization_barrier((acc, m, l, p, slack))
                 if config.pingpong:
                     plgpu.barrier_arrive(sched)
                 plgpu.barrier_wait(v_ready.at[slot])
@@ -439,12 +482,29 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, *, S: int, stages
                 # (SageAttention2's two-level accumulation) changed no error and cost 9% (benchmarks/NOTES.md).
                 acc = pl.run_state(pv)(plgpu.ACC.init(acc))
                 plgpu.barrier_arrive(v_free.at[slot])
-                return acc, m, l
+                return ((acc, m, l), slack) if decide else (acc, m, l)
 
-            carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry0)
-            if ragged:
-                carry = lax.fori_loop(n_full, n_kv, functools.partial(body, masked=True), carry)
-            return carry
+            def blocks(start, carry, frozen):
+                first_masked = max(n_full, start) if isinstance(n_full, int) else jnp.maximum(n_full, start)
+                carry = lax.fori_loop(start, n_full, functools.partial(body, masked=False, frozen=frozen), carry)
+                if ragged:
+                    carry = lax.fori_loop(first_masked, n_kv, functools.partial(body, masked=True, frozen=frozen),
+                                          carry)
+                return carry
+
+            def held(carry):
+                """The rest with m held at max(the first block's maximum, bound - MARGIN): P <= 2^MARGIN."""
+                acc, m, l = carry
+                m_held = jnp.maximum(m, row_bound - FROZEN_MAX_MARGIN)
+                alpha = jnp.exp2(m - m_held)
+                carry = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]), m_held, l * alpha
+                return blocks(1, carry, frozen=True)
+
+            if not config.frozen_max:
+                return blocks(0, carry0, frozen=False)
+            # block 0 sets m (masked when ragged: it may be the last)
+            carry, slack = body(0, carry0, masked=ragged, decide=True)
+            return lax.cond(slack <= 2 * FROZEN_MAX_MARGIN, held, functools.partial(blocks, 1, frozen=False), carry)
 
         def overlapped(q_smem, q_rows, carry0):
             """FA3 schedule: issue S_j = Q K_jᵀ and O += P_{j-1} V_{j-1}, softmax S_j while PV runs."""
@@ -517,14 +577,18 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, *, S: int, stages
                 for c in range(bias_chunks):
                     plgpu.barrier_wait(bias_ready.at[wg, c])
             plgpu.barrier_wait(q_ready.at[wg])
+            row_bound = None
+            if frozen_max:  # the rows' logit bounds |q_i| · max_j |k_j| (log2 units), in the softmax's row layout
+                q_tile = plgpu.load(q_smem, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+                row_bound = jnp.sqrt((q_tile * q_tile).sum(axis=1)) * (k_norms_ref[b, h] * scale)
             m = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), _ROW)
             l = plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), _ROW)
             acc = plgpu.layout_cast(jnp.zeros((block_q, H), jnp.float32), plgpu.Layout.WGMMA)
             plgpu.barrier_wait(k_ready.at[0])  # n_kv >= 1 always (kv_end is clipped to >= 1)
             if config.pingpong:
                 pl.when(wg == 1)(sched_sync)  # offsets warpgroup 1 by one phase
-            run = overlapped if config.overlap else two_phase
-            acc, m, l = run(q_smem, q_rows, (acc, m, l))
+            acc, m, l = (overlapped(q_smem, q_rows, (acc, m, l)) if config.overlap
+                         else two_phase(q_smem, q_rows, row_bound, (acc, m, l)))
             if config.pingpong:
                 pl.when(wg == 0)(sched_sync)  # balances the barrier's arrivals
             inv_l = 1.0 / l
@@ -586,10 +650,11 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, *, S: int, stages
         bias_ref, rest = (rest[0], rest[1:]) if with_bias else (None, rest)
         scale_refs, rest = (rest[:2], rest[2:]) if int8_qk else (None, rest)
         v_scale_ref, rest = (rest[0], rest[1:]) if fp8_pv else (None, rest)
+        k_norms_ref, rest = (rest[0], rest[1:]) if frozen_max else (None, rest)
         o_ref, lse_ref = rest if with_lse else (rest[0], None)
         pl.run_scoped(
-            lambda *scoped: kernel(q_ref, k_ref, v_ref, kv_len_ref, bias_ref, scale_refs, v_scale_ref, o_ref, lse_ref,
-                                   scoped),
+            lambda *scoped: kernel(q_ref, k_ref, v_ref, kv_len_ref, bias_ref, scale_refs, v_scale_ref, k_norms_ref,
+                                   o_ref, lse_ref, scoped),
             (_smem((2, block_q, H), q.dtype), _smem((stages, block_kv, H), k.dtype),
              _smem((stages, H, block_kv) if fp8_pv else (stages, block_kv, H), v.dtype),
              *([_smem((2, block_q, H), dtype), plgpu.SMEM((2, block_q), jnp.float32)] if int8_qk else []),
@@ -604,7 +669,7 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, *, S: int, stages
 
     args = (q, k, v) if kv_len is None else (q, k, v, kv_len.astype(jnp.int32))
     args += (key_bias,) if with_bias else ()
-    args += (tuple(qk_scales) if int8_qk else ()) + ((v_scale,) if fp8_pv else ())
+    args += (tuple(qk_scales) if int8_qk else ()) + ((v_scale,) if fp8_pv else ()) + ((k_norms,) if frozen_max else ())
     grid_q = pl.cdiv(T, 2 * block_q * config.cluster)
     out_type = jax.ShapeDtypeStruct(q.shape, dtype)
     if with_lse:  # rows of whole CTAs (plain stores are not clipped at T like TMA's), tokens last

@@ -10,6 +10,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from benchmarks import attention as attention_benchmark
@@ -33,8 +34,9 @@ def _export(fn, platform, B, T, S, N, H, kv_len):
 
 
 @pytest.mark.parametrize("config", [MgpuConfig(), MgpuConfig(overlap=True), MgpuConfig(block_kv=192, cluster=2),
-                                    MgpuConfig(block_kv=192, cluster=4)],
-                         ids=["pingpong", "overlap", "cluster2", "cluster4"])
+                                    MgpuConfig(block_kv=192, cluster=4), MgpuConfig(block_kv=192, frozen_max=True),
+                                    flash_mgpu.LONG_KV_CONFIG],
+                         ids=["pingpong", "overlap", "cluster2", "cluster4", "frozen_max", "long_kv"])
 @pytest.mark.parametrize("shape", [(1, 1000, 1000, 2, 128, False), (2, 300, 77, 1, 64, True)],
                          ids=["ragged", "short_kv_len"])
 def test_mgpu_kernel_lowers_for_cuda(config, shape):
@@ -58,6 +60,34 @@ def test_mgpu_kernel_with_log_sum_exp_lowers_for_cuda(config):
     exported = jax.export.export(fn, platforms=["cuda"])(q, kv, kv, lengths)
     assert [(a.shape, a.dtype) for a in exported.out_avals] == [((B, T, N, H), jnp.bfloat16), ((B, T, N), jnp.float32)]
     assert "mosaic_gpu" in exported.mlir_module()
+
+
+def test_held_maxima_need_their_bound_and_the_ping_pong():
+    """frozen_max is exact only where the kernel has the rows' logit bounds: the exact mode without a key_bias, and
+    its one cross-warp reduction is safe only inside the ping-pong's mutually exclusive softmax phases."""
+    assert flash_mgpu.LONG_KV_CONFIG.frozen_max and not flash_mgpu.SHORT_KV_CONFIG.frozen_max
+    with pytest.raises(ValueError, match="frozen_max needs the ping-pong schedule"):
+        MgpuConfig(overlap=True, frozen_max=True)
+    with pytest.raises(ValueError, match="frozen_max needs the ping-pong schedule"):
+        MgpuConfig(pingpong=False, frozen_max=True)
+    q = jnp.zeros((1, 64, 1, 128), jnp.bfloat16)
+    held = MgpuConfig(block_kv=192, frozen_max=True)
+    with pytest.raises(ValueError, match="frozen_max only in exact mode without key_bias"):
+        flash_mgpu.flash_attention_mgpu(q, q, q, int8_qk=True, config=held)
+    with pytest.raises(ValueError, match="frozen_max only in exact mode without key_bias"):
+        flash_mgpu.flash_attention_mgpu(q, q, q, key_bias=jnp.zeros((1, 64)), config=held)
+
+
+def test_max_key_norms_bound_every_logit():
+    """max_j |k_j| per (batch, head): with |q_i| it bounds every logit q_i · k_j (Cauchy–Schwarz)."""
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(2, 50, 3, 64)) * np.array([1.0, 4.0, 0.1])[:, None]
+    k = rng.normal(size=(2, 70, 3, 64)) * rng.uniform(0.1, 5.0, size=(1, 70, 1, 1))
+    got = np.asarray(flash_mgpu.max_key_norms(jnp.asarray(k, jnp.float32)))
+    np.testing.assert_allclose(got, np.linalg.norm(k, axis=-1).max(axis=1), rtol=1e-5)
+    logits = np.einsum("btnh,bsnh->bnts", q, k)
+    bound = np.linalg.norm(q, axis=-1).transpose(0, 2, 1)[..., None] * got[:, :, None, None]
+    assert (logits <= bound * (1 + 1e-6)).all()
 
 
 def test_mgpu_log_sum_exp_only_in_exact_mode():
