@@ -69,8 +69,8 @@ FOLDED = {"wan1.3b_480p_cross_fold": (20, 1), "wan14b_480p_cross_fold": (20, 1),
 TEXT_ROWS = 512
 # q's scale per shape (1 if absent), against unit-normal k: logits spread wider, rows peak. For the exact kernel's
 # `frozen_max` (its held maximum m = max(first block's maximum, bound - margin)): x3 holds m with later logits up to
-# ~2^6 above it (P > 1), x8 holds an m raised above the first block's maximum in some warpgroups (P < 1) and keeps the
-# online maximum in others, x16 keeps the online maximum everywhere.
+# ~2^6 above it (P > 1), x8 holds an m raised far above the first block's maximum (the rows' largest P ~2^-46), x16
+# keeps the online maximum everywhere.
 Q_SCALE = {"wan1.3b_480p_q3": 3.0, "wan1.3b_480p_q8": 8.0, "wan1.3b_480p_q16": 16.0}
 DEFAULT_SHAPES = [s for s in SHAPES if not s.startswith("tiny_cpu")]
 # Kernel-config variants timed by --sweep, per shape: mgpu[_int8]:block_q,block_kv,stages,overlap,pingpong[,cluster

@@ -126,13 +126,15 @@ FP8_PV_CONFIG = MgpuConfig(block_kv=128, stages=4)
 # With `frozen_max` a row's exponentials are taken against an m fixed after the first key block: the softmax is the
 # same for any m (O / l cancels it); the online maximum only keeps exp2(logit - m) in range, and so does this m. With
 # b the row's Cauchy–Schwarz bound |q_i| · max_j |k_j| on its logits and m0 its first block's maximum (log2 units),
-# m = max(m0, b - MARGIN): no logit exceeds m by more than MARGIN (P <= 2^MARGIN), and where b - m0 <= 2 · MARGIN
-# the row's true maximum is at most MARGIN below m (its P >= 2^-MARGIN). A warpgroup holds m when all its rows pass
-# that test, and keeps the online maximum otherwise. Held, l <= 2^MARGIN · S and O <= l · max|v| stay finite in fp32
-# for max|v| < 2^(127 - MARGIN - log2 S) (2^43 at 1M keys), and P stays a normal bf16 number, so its rounding is the
-# same relative error as with the online maximum (measured: benchmarks/NOTES.md, session 18).
+# m = max(m0, b - MARGIN): no logit exceeds m by more than MARGIN (P <= 2^MARGIN), and where b - m0 <= MARGIN + DEPTH
+# the row's true maximum is at most DEPTH below m (its largest P >= 2^-DEPTH). A warpgroup holds m when all its rows
+# pass that test, and keeps the online maximum otherwise. Held, l <= 2^MARGIN · S and O <= l · max|v| stay finite in
+# fp32 for max|v| < 2^(127 - MARGIN - log2 S) (2^43 at 1M keys), and every P within 2^-(126 - DEPTH) of its row's
+# largest stays a normal fp32 / bf16 number — the same relative rounding as with the online maximum; the smaller ones
+# (flushed or subnormal) weigh < S · 2^-30 of the row together (3e-5 at 32,760 keys, under bf16's 4e-3 rounding of O;
+# measured: benchmarks/NOTES.md, session 18).
 FROZEN_MAX_MARGIN = 64.0
-
+FROZEN_MAX_DEPTH = 96.0
 
 def default_config(S: int, int8_qk: bool = False) -> MgpuConfig:
     """The measured-fastest variant for S keys (and S = Q Kᵀ on the int8 tensor cores)."""
@@ -462,7 +464,7 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, k_norms, *, S: in
                 # its threads (its wgmmas must take one branch). Decided inside its ping-pong softmax phase: the
                 # cross-warp reduction's shared-memory scratch is the kernel's one, and the two warpgroups' softmax
                 # phases never overlap.
-                slack = jnp.max(row_bound - m) if decide else None  # held when <= 2 · FROZEN_MAX_MARGIN
+                slack = jnp.max(row_bound - m) if decide else None  # held when <= MARGIN + DEPTH
                 # Keeps the scheduler from sinking the softmax past the barrier (as in jax's example).
                 acc, m, l, p, slack = lax.optimization_barrier((acc, m, l, p, slack))
                 if config.pingpong:
@@ -504,7 +506,8 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, k_norms, *, S: in
                 return blocks(0, carry0, frozen=False)
             # block 0 sets m (masked when ragged: it may be the last)
             carry, slack = body(0, carry0, masked=ragged, decide=True)
-            return lax.cond(slack <= 2 * FROZEN_MAX_MARGIN, held, functools.partial(blocks, 1, frozen=False), carry)
+            return lax.cond(slack <= FROZEN_MAX_MARGIN + FROZEN_MAX_DEPTH, held,
+                            functools.partial(blocks, 1, frozen=False), carry)
 
         def overlapped(q_smem, q_rows, carry0):
             """FA3 schedule: issue S_j = Q K_jᵀ and O += P_{j-1} V_{j-1}, softmax S_j while PV runs."""
