@@ -7,6 +7,7 @@ with the methods of `Engine` works (`--engine module:callable` picks a factory, 
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -64,6 +65,22 @@ def resolve_factory(spec: str | None) -> EngineFactory:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
         raise ValueError(f"--engine {spec!r} cannot be loaded: {e}") from e
+
+
+def check_engine(engine) -> None:
+    """Fail at start-up, naming what is missing, when an engine does not have the methods the scheduler calls (an
+    `--engine` written to an older protocol: `decode` / `warmup` take `output_type` since the service asks for
+    uint8 frames)."""
+    missing = [name for name in ("user_params", "encode_text", "denoise", "decode", "warmup")
+               if not callable(getattr(engine, name, None))]
+    if missing or not hasattr(engine, "config"):
+        raise TypeError(f"engine {type(engine).__name__} lacks {', '.join(missing or ['config'])}: "
+                        "see sdjax.serve.engine.Engine")
+    for name in ("decode", "warmup"):
+        params = inspect.signature(getattr(engine, name)).parameters
+        if "output_type" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            raise TypeError(f"engine {type(engine).__name__}.{name} must take output_type ('np' | 'uint8'): "
+                            "see sdjax.serve.engine.Engine")
 
 
 def engine_version(engine: Engine) -> str:

@@ -27,7 +27,7 @@ import time
 
 from sdjax.config import ConfigError
 from sdjax.serve import store as S
-from sdjax.serve.engine import Engine, engine_version, write_artefact
+from sdjax.serve.engine import Engine, check_engine, engine_version, write_artefact
 
 FRAMES = "uint8"  # the engine's frames as the files hold them: rounded on the device, a quarter of float32's bytes
 
@@ -184,6 +184,7 @@ class Worker:
     def _load(self, model: str | None, version: str | None = None) -> tuple[Engine, dict]:
         """Build an engine and compile every allowed shape: videos (sizes x frames) and one-frame images."""
         engine = self.factory(self.settings, model)
+        check_engine(engine)
         d = engine.config.defaults
         sizes = sorted(set(self.settings.sizes or ((d.width, d.height),)))
         frames = sorted(set(self.settings.frames or (d.num_frames,)))

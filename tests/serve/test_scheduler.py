@@ -86,3 +86,24 @@ def test_stages_of_two_jobs_overlap(tmp_path):
 def test_no_overlap_runs_jobs_one_after_the_other(tmp_path):
     s = run_two_jobs(tmp_path, overlap=False).spans
     assert s["B", "encode"][0] >= s["A", "decode"][1]
+
+
+class OldProtocolEngine(FakeEngine):
+    """An engine written before decode / warmup took output_type."""
+
+    def decode(self, latents):
+        return FakeEngine.decode(self, latents)
+
+
+def test_an_engine_without_output_type_fails_at_start_naming_it(tmp_path):
+    settings = Settings(data_dir=str(tmp_path), worker_id="w", poll_seconds=0.01, sizes=((48, 32),), frames=(5,))
+    store = SqliteStore(tmp_path / "jobs.sqlite3", results_dir=tmp_path / "results")
+    worker = Worker(settings, store, lambda _settings, _model: OldProtocolEngine(), Metrics())
+    worker.start()
+    try:
+        wait_until(lambda: worker.state == "failed", 10, "the start to fail")
+        assert not worker.ready
+        assert "OldProtocolEngine.decode must take output_type" in worker.error
+    finally:
+        worker.stop()
+        store.close()
