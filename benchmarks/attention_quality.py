@@ -57,18 +57,25 @@ RECIPES = {"pallas_mgpu_int8": int8_reference_attention, "pallas_mgpu_int8_fp8":
 
 
 @contextlib.contextmanager
-def lossy_self_attention(backend: str):
-    """Inside: the `xla` backend's self-attention calls run the reference of lossy `backend` (RECIPES); compiled
-    programs are dropped on entry and exit, so nothing compiled with the other attention is reused."""
-    exact, recipe = attention_lib._RUN["xla"], RECIPES[backend]
+def self_attention_replaced(fn):
+    """Inside: the `xla` backend's self-attention calls (as many keys as queries) run `fn(q, k, v, kv_len, exact)`
+    (`exact` the backend's own), the cross-attention stays as it is; compiled programs are dropped on entry and
+    exit, so nothing compiled with the other attention is reused."""
+    exact = attention_lib._RUN["xla"]
     attention_lib._RUN["xla"] = lambda q, k, v, kv_len: (
-        recipe(q, k, v, kv_len) if q.shape[1] == k.shape[1] else exact(q, k, v, kv_len))
+        fn(q, k, v, kv_len, exact) if q.shape[1] == k.shape[1] else exact(q, k, v, kv_len))
     jax.clear_caches()
     try:
         yield
     finally:
         attention_lib._RUN["xla"] = exact
         jax.clear_caches()
+
+
+def lossy_self_attention(backend: str):
+    """Inside: the self-attention calls run the reference of lossy `backend` (RECIPES)."""
+    recipe = RECIPES[backend]
+    return self_attention_replaced(lambda q, k, v, kv_len, _exact: recipe(q, k, v, kv_len))
 
 
 def main():

@@ -222,6 +222,22 @@ def max_key_norms(k):
     return jnp.sqrt(jnp.max(jnp.sum(jnp.square(k.astype(jnp.float32)), axis=-1), axis=1))
 
 
+def held_max_slack(q, k, config: MgpuConfig | None = None):
+    """The kernel's hold test, computed outside it (a diagnostic: does a model's attention take the held path?).
+    Per compute warpgroup's tile of `block_q` query rows of one batch row and head, the largest b_i - m0_i over its
+    rows (log2 units; b_i = |q_i| · max_j |k_j|, m0_i = the maximum of row i's logits over the first block_kv keys):
+    (B, N, tiles) fp32. The kernel holds a tile's maxima where this is <= FROZEN_MAX_MARGIN + FROZEN_MAX_DEPTH."""
+    config = config or LONG_KV_CONFIG
+    f32 = jnp.float32
+    B, T, N, H = q.shape
+    c = LOG2_E / math.sqrt(H)
+    q32, k32 = q.astype(f32), k.astype(f32)
+    bound = jnp.linalg.norm(q32, axis=-1) * max_key_norms(k)[:, None, :] * c  # (B, T, N)
+    m0 = jnp.einsum("btnh,bsnh->btns", q32, k32[:, : config.block_kv]).max(axis=-1) * c
+    slack = _pad_tokens((bound - m0)[..., None], pl.cdiv(T, config.block_q) * config.block_q)[..., 0]
+    return slack.reshape(B, -1, config.block_q, N).max(axis=2).transpose(0, 2, 1)  # padded rows: slack 0
+
+
 K_MEAN_SAMPLES = 4096
 
 

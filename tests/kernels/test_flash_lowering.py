@@ -90,6 +90,27 @@ def test_max_key_norms_bound_every_logit():
     assert (logits <= bound * (1 + 1e-6)).all()
 
 
+def test_held_max_slack_is_the_kernels_hold_test():
+    """`held_max_slack` (the diagnostic of benchmarks/attention_hold.py) against numpy: per tile of block_q query
+    rows, the largest |q_i|·max|k| - max over the first block_kv keys of q_i·k_j, in log2 units (ragged T: the last
+    tile's missing rows do not count); unit-normal q and k pass the kernel's test, q x 16 fails it."""
+    cfg = MgpuConfig(block_q=64, block_kv=192, frozen_max=True)
+    rng = np.random.default_rng(1)
+    q = rng.normal(size=(2, 150, 3, 64)).astype(np.float32) * np.array([1.0, 3.0, 0.5])[:, None]
+    k = rng.normal(size=(2, 400, 3, 64)).astype(np.float32)
+    got = np.asarray(flash_mgpu.held_max_slack(jnp.asarray(q), jnp.asarray(k), cfg))
+    c = flash_mgpu.LOG2_E / np.sqrt(64)
+    bound = np.linalg.norm(q, axis=-1) * np.linalg.norm(k, axis=-1).max(axis=1)[:, None, :] * c
+    m0 = np.einsum("btnh,bsnh->btns", q, k[:, :192]).max(axis=-1) * c
+    slack = bound - m0  # (B, T, N)
+    want = np.stack([slack[:, i:i + 64].max(axis=1) for i in range(0, 150, 64)], axis=-1)  # (B, N, 3)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+    limit = flash_mgpu.FROZEN_MAX_MARGIN + flash_mgpu.FROZEN_MAX_DEPTH
+    q_unit, k_unit = (jnp.asarray(rng.normal(size=(1, 512, 2, 128)), jnp.float32) for _ in range(2))
+    assert (np.asarray(flash_mgpu.held_max_slack(q_unit, k_unit)) <= limit).all()
+    assert (np.asarray(flash_mgpu.held_max_slack(16 * q_unit, k_unit)) > limit).all()
+
+
 def test_mgpu_log_sum_exp_only_in_exact_mode():
     q = jnp.zeros((1, 64, 1, 128), jnp.bfloat16)
     with pytest.raises(ValueError, match="return_lse only in exact mode"):
