@@ -4,7 +4,7 @@
     python benchmarks/attention_hold.py --model DIR   # a diffusers-format checkpoint directory (e.g. Wan2.1)
 
 The kernel fixes a warpgroup's row maxima after the first key block where every row's Cauchy–Schwarz bound
-|q_i| · max_j |k_j| is within FROZEN_MAX_MARGIN + FROZEN_MAX_DEPTH (log2 units) of its first block's maximum; where
+|q_i| · max_j |k_j| is within FROZEN_MAX_SLACK (log2 units) of its first block's maximum; where
 not, it keeps the online maximum, ~7% slower than the kernel without held maxima (benchmarks/NOTES.md, session 18).
 Random weights always hold; this measures trained ones. Every self-attention call of whole generations (all
 steps and layers, exact attention, no feature cache) goes through `flash_mgpu.held_max_slack` — the test as the
@@ -28,7 +28,7 @@ from benchmarks.cache import DEMO_PROMPTS  # noqa: E402
 from benchmarks.common import write_results  # noqa: E402
 from sdjax.kernels import flash_mgpu  # noqa: E402
 
-HOLD_LIMIT = flash_mgpu.FROZEN_MAX_MARGIN + flash_mgpu.FROZEN_MAX_DEPTH
+HOLD_LIMIT = flash_mgpu.FROZEN_MAX_SLACK
 
 
 def summary(slacks: list[np.ndarray]) -> dict:

@@ -135,6 +135,7 @@ FP8_PV_CONFIG = MgpuConfig(block_kv=128, stages=4)
 # measured: benchmarks/NOTES.md, session 18).
 FROZEN_MAX_MARGIN = 64.0
 FROZEN_MAX_DEPTH = 96.0
+FROZEN_MAX_SLACK = FROZEN_MAX_MARGIN + FROZEN_MAX_DEPTH  # a tile holds where max(b - m0) <= this
 
 def default_config(S: int, int8_qk: bool = False) -> MgpuConfig:
     """The measured-fastest variant for S keys (and S = Q Kᵀ on the int8 tensor cores)."""
@@ -226,7 +227,7 @@ def held_max_slack(q, k, config: MgpuConfig | None = None):
     """The kernel's hold test, computed outside it (a diagnostic: does a model's attention take the held path?).
     Per compute warpgroup's tile of `block_q` query rows of one batch row and head, the largest b_i - m0_i over its
     rows (log2 units; b_i = |q_i| · max_j |k_j|, m0_i = the maximum of row i's logits over the first block_kv keys):
-    (B, N, tiles) fp32. The kernel holds a tile's maxima where this is <= FROZEN_MAX_MARGIN + FROZEN_MAX_DEPTH."""
+    (B, N, tiles) fp32. The kernel holds a tile's maxima where this is <= FROZEN_MAX_SLACK."""
     config = config or LONG_KV_CONFIG
     f32 = jnp.float32
     B, T, N, H = q.shape
@@ -522,7 +523,7 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, k_norms, *, S: in
                 return blocks(0, carry0, frozen=False)
             # block 0 sets m (masked when ragged: it may be the last)
             carry, slack = body(0, carry0, masked=ragged, decide=True)
-            return lax.cond(slack <= FROZEN_MAX_MARGIN + FROZEN_MAX_DEPTH, held,
+            return lax.cond(slack <= FROZEN_MAX_SLACK, held,
                             functools.partial(blocks, 1, frozen=False), carry)
 
         def overlapped(q_smem, q_rows, carry0):

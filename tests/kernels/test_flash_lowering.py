@@ -105,7 +105,7 @@ def test_held_max_slack_is_the_kernels_hold_test():
     slack = bound - m0  # (B, T, N)
     want = np.stack([slack[:, i:i + 64].max(axis=1) for i in range(0, 150, 64)], axis=-1)  # (B, N, 3)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
-    limit = flash_mgpu.FROZEN_MAX_MARGIN + flash_mgpu.FROZEN_MAX_DEPTH
+    limit = flash_mgpu.FROZEN_MAX_SLACK
     q_unit, k_unit = (jnp.asarray(rng.normal(size=(1, 512, 2, 128)), jnp.float32) for _ in range(2))
     assert (np.asarray(flash_mgpu.held_max_slack(q_unit, k_unit)) <= limit).all()
     assert (np.asarray(flash_mgpu.held_max_slack(16 * q_unit, k_unit)) > limit).all()
