@@ -74,7 +74,7 @@ TEXT_ROWS = 512
 Q_SCALE = {"wan1.3b_480p_q3": 3.0, "wan1.3b_480p_q8": 8.0, "wan1.3b_480p_q16": 16.0}
 DEFAULT_SHAPES = [s for s in SHAPES if not s.startswith("tiny_cpu")]
 # Kernel-config variants timed by --sweep, per shape: mgpu[_int8]:block_q,block_kv,stages,overlap,pingpong[,cluster
-# [,frozen_max]] and
+# [,frozen_max[,chained]]] and
 # triton:block_q,block_k,num_warps,num_stages (cuDNN first as the same-process baseline).
 SWEEP = {
     "wan1.3b_480p": ("cudnn", "mgpu:64,192,2,0,1", "mgpu:64,192,2,0,1,2", "mgpu:64,192,2,0,1,4",
@@ -136,9 +136,9 @@ def card_slug(name: str) -> str:
 def _mgpu_config(spec: str):
     _, flash_mgpu, _ = _import_kernels()
     bq, bkv, st, ov, pp, *rest = (int(x) for x in spec.split(":")[1].split(","))
-    cluster, frozen_max = (rest + [1, 0][len(rest):])[:2]
+    cluster, frozen_max, chained = (rest + [1, 0, 0][len(rest):])[:3]
     return flash_mgpu.MgpuConfig(block_q=bq, block_kv=bkv, stages=st, overlap=bool(ov), pingpong=bool(pp),
-                                 cluster=cluster, frozen_max=bool(frozen_max))
+                                 cluster=cluster, frozen_max=bool(frozen_max), chained=bool(chained))
 
 
 def _best_swept(log: Path, long_kv: bool) -> str | None:
@@ -371,7 +371,7 @@ def main():
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--log", help=argparse.SUPPRESS)
     ap.add_argument("--mgpu-config", help="run pallas_mgpu (and what calls it) with this variant "
-                    "(mgpu:bq,bkv,stages,overlap,pingpong[,cluster[,frozen_max]]) instead of "
+                    "(mgpu:bq,bkv,stages,overlap,pingpong[,cluster[,frozen_max[,chained]]]) instead of "
                     "flash_mgpu.default_config; 'best': the fastest swept variant for the shape's key-length class "
                     "(needs --sweep)")
     a = ap.parse_args()
@@ -381,7 +381,7 @@ def main():
         if a.mgpu_config:  # replaces the library default in this worker process only
             _, flash_mgpu, _ = _import_kernels()
             cfg = _mgpu_config(a.mgpu_config)
-            flash_mgpu.default_config = lambda S: cfg
+            flash_mgpu.default_config = lambda S, int8_qk=False: cfg
         return run_worker(a.worker, json.loads(a.backends), Path(a.log))
 
     card = card_name()

@@ -9,6 +9,9 @@ in base 2 (the 1/sqrt(H) scale folded into log2(e), one FMA per logit), and O +=
 registers). Two schedules:
   - `overlap=False`: the compute warpgroups "ping-pong" on a shared barrier, so one's softmax runs while
     the other's matmuls occupy the tensor cores (jax's attention_mgpu example does this);
+  - `chained=True`, a variant of the ping-pong: a warpgroup's O += P_j V_j and S_{j+1} = Q K_{j+1}ᵀ are issued
+    back to back and awaited together (the plain ping-pong waits for P V before it issues Q Kᵀ, so the tensor
+    cores drain between a warpgroup's two matmuls);
   - `overlap=True` (ping-pong optional): inside a warpgroup, S_{j+1} = Q K_{j+1}ᵀ and O += P_j V_j
     are issued together and the softmax of block j+1 runs while P_j V_j is still on the tensor cores
     (FlashAttention-3's intra-warpgroup overlap).
@@ -19,8 +22,8 @@ A slot is refilled only when the consumers of both CTAs have released it (a clus
 Held maxima (`frozen_max`, exact): after the first key block a warpgroup may fix its rows' maxima for the rest, so
 the later blocks' softmax is exp2, row sum and P's conversion alone (no maximum, no rescale of O and l) — where the
 rows' Cauchy–Schwarz bounds |q_i| · max_j |k_j| prove every exponential stays in range (`FROZEN_MAX_MARGIN`).
-`default_config(S)` picks the variant measured fastest on an H200 for the key length: 192-key blocks with
-ping-pong in clusters of 2 and held maxima for long self-attention (682 TFLOP/s at Wan-1.3B 480p vs cuDNN's 558
+`default_config(S)` picks the variant measured fastest on an H200 for the key length: 128-key blocks with the chained
+ping-pong in clusters of 2 and held maxima for long self-attention (~700 TFLOP/s at Wan-1.3B 480p vs cuDNN's 558
 through JAX), 128-key blocks with the overlap schedule for short (text) keys.
 
 Lossy int8 mode (`int8_qk=True`, SageAttention's recipe): k is smoothed (its mean over tokens removed — the
@@ -89,6 +92,11 @@ class MgpuConfig:
     # has no maximum and O and l no rescale — taken by a warpgroup only where the logits' Cauchy–Schwarz bound proves
     # the fixed maximum keeps every exponential in range.
     frozen_max: bool = False
+    # Two-phase only: a warpgroup issues O += P_j V_j and S_{j+1} = Q K_{j+1}ᵀ back to back and awaits them together,
+    # so its tensor-core phase has no drain between the two (the plain schedule waits for P V before issuing Q Kᵀ).
+    # Made for held maxima (O untouched between blocks); with the online maximum at 192-key blocks it measured 2.3x
+    # slower (O's rescale beside S, P and O in flight: NOTES, session 19).
+    chained: bool = False
 
     def __post_init__(self):
         if self.block_q % 64 or self.block_kv % 64:
@@ -100,6 +108,8 @@ class MgpuConfig:
         if self.frozen_max and (self.overlap or not self.pingpong):
             raise ValueError(f"MgpuConfig: frozen_max needs the ping-pong schedule (overlap=False, pingpong=True), "
                              f"got {self}")
+        if self.chained and self.overlap:
+            raise ValueError(f"MgpuConfig: chained is a variant of the two-phase schedule (overlap=False), got {self}")
 
 
 # Measured on an H200 (benchmarks/NOTES.md, Attention; benchmarks/results/attention_h200*.json):
@@ -109,9 +119,12 @@ class MgpuConfig:
 #   but not with int8 Q Kᵀ (9.56 vs 9.44) or fp8 P V (8.06 vs 8.07), which keep one CTA; and the rows' maxima fixed
 #   after the first key block (`frozen_max`): Wan-1.3B 480p 9.68-9.94 vs 9.92-10.14 ms, 720p 50.8 vs 52.6, the
 #   forward -1.3 to -2.7% (NOTES, session 18) — where a warpgroup's bound test fails it runs ~7% slower than without;
+#   held maxima then make 128-key blocks the faster ones (the per-block maximum and rescale that favoured 192 are
+#   gone): 9.45-9.67 vs 9.84-10.08 ms at Wan-1.3B 480p, 49.3 vs 50.4 at 720p, 31.4-31.8 vs 33.0 at Wan-14B 480p, the
+#   chained ping-pong 0.3-0.7% of that; forward B=1 424.8 -> 409.3 ms, 14B 2,418 -> 2,348 (NOTES, session 19);
 # - 512 text keys: 192-key blocks pad the third block (387 TFLOP/s), so 128-key blocks with the overlap
 #   schedule and no ping-pong (462; the ping-pong 128 variant: 444).
-LONG_KV_CONFIG = MgpuConfig(block_kv=192, cluster=2, frozen_max=True)
+LONG_KV_CONFIG = MgpuConfig(block_kv=128, cluster=2, frozen_max=True, chained=True)
 LONG_KV_INT8_CONFIG = MgpuConfig(block_kv=192)
 SHORT_KV_CONFIG = MgpuConfig(block_kv=128, overlap=True, pingpong=False)
 LONG_KV_FROM = 4096  # keys; measured points: 512 (short wins), 32,760 and 75,600 (long wins)
@@ -189,6 +202,8 @@ def flash_attention_mgpu(q, k, v, kv_len=None, *, key_bias=None, config: MgpuCon
         raise ValueError("flash_attention_mgpu: return_lse only in exact mode (int8_qk=False, fp8_pv=False)")
     if config.frozen_max and (int8_qk or key_bias is not None):
         raise ValueError(f"flash_attention_mgpu: frozen_max only in exact mode without key_bias; got {config}")
+    if config.chained and int8_qk:
+        raise ValueError(f"flash_attention_mgpu: chained only in exact mode; got {config}")
     out_dtype = v.dtype
     k_norms = max_key_norms(k) if config.frozen_max else None
     if int8_qk:
@@ -434,9 +449,11 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, k_norms, *, S: in
             plgpu.barrier_arrive(sched)
             plgpu.barrier_wait(sched)
 
-        def softmax(s, m, l, j, masked, q_rows, frozen=False):
+        def softmax(s, m, l, j, masked, q_rows, frozen=False, hold_bound=None):
             """Online-softmax update for key block j: returns (P in V's dtype, m, l, alpha); `frozen`: m is held
-            (alpha None, nothing to rescale)."""
+            (alpha None, nothing to rescale). `hold_bound` (the rows' logit bounds; the first block with frozen_max):
+            also decides whether the warpgroup holds its rows' maxima from here on, and if so takes P against the
+            held m — returns (P, m, l, alpha, held)."""
             scale = logit_scale(j, q_rows)
             if int8_qk:  # (int32 -> fp32 through a float-bits trick instead of I2F measured slower: NOTES)
                 s = s.astype(jnp.float32)
@@ -452,12 +469,17 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, k_norms, *, S: in
                 p = jnp.exp2(s * scale - lax.broadcast_in_dim(m, s.shape, [0]))
                 return p.astype(dtype), m, l + p.sum(axis=1), None
             m_new = jnp.maximum(m, s.max(axis=1) * scale)
+            held = None
+            if hold_bound is not None:  # one value for the warpgroup: see chained()
+                held = jnp.max(hold_bound - m_new) <= FROZEN_MAX_SLACK
+                m_new = jnp.maximum(m_new, hold_bound - jnp.where(held, FROZEN_MAX_MARGIN, jnp.inf))
             alpha = jnp.exp2(m - m_new)
             offset = m_new - P_FP8_LOG2_SCALE if fp8_pv else m_new
             scales = lax.broadcast_in_dim(scale, s.shape, [0]) if int8_qk else scale  # one a row, or one for all
             p = jnp.exp2((s if with_bias else s * scales) - lax.broadcast_in_dim(offset, s.shape, [0]))
             l = l * alpha + p.sum(axis=1)
-            return (_p_to_fp8(p) if fp8_pv else p.astype(dtype)), m_new, l, alpha
+            p = _p_to_fp8(p) if fp8_pv else p.astype(dtype)
+            return (p, m_new, l, alpha) if held is None else (p, m_new, l, alpha, held)
 
         def two_phase(q_smem, q_rows, row_bound, carry0):
             """Schedule without intra-warpgroup overlap: S = QKᵀ; softmax; O += PV, per block."""
@@ -474,16 +496,14 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, k_norms, *, S: in
 
                 s = pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), s_dtype))
                 plgpu.barrier_arrive(k_free.at[slot])
-                p, m, l, alpha = softmax(s, m, l, j, masked, q_rows, frozen)
+                # `decide` (block 0 with frozen_max): also whether this warpgroup holds its rows' maxima from here on,
+                # decided inside its ping-pong softmax phase (see chained())
+                p, m, l, alpha, *held = softmax(s, m, l, j, masked, q_rows, frozen, row_bound if decide else None)
                 if not frozen:
                     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                # `decide` (block 0 with frozen_max): whether this warpgroup holds m from here on, one value for all
-                # its threads (its wgmmas must take one branch). Decided inside its ping-pong softmax phase: the
-                # cross-warp reduction's shared-memory scratch is the kernel's one, and the two warpgroups' softmax
-                # phases never overlap.
-                slack = jnp.max(row_bound - m) if decide else None  # held when <= MARGIN + DEPTH
-                # Keeps the scheduler from sinking the softmax past the barrier (as in jax's example).
-                acc, m, l, p, slack = lax.optimization_barrier((acc, m, l, p, slack))
+                # Keeps the scheduler from sinking the softmax past the barrier (as in jax's example); a held m
+                # depends on the hold test, so its reduction stays in this phase too.
+                acc, m, l, p = lax.optimization_barrier((acc, m, l, p))
                 if config.pingpong:
                     plgpu.barrier_arrive(sched)
                 plgpu.barrier_wait(v_ready.at[slot])
@@ -501,7 +521,7 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, k_norms, *, S: in
                 # (SageAttention2's two-level accumulation) changed no error and cost 9% (benchmarks/NOTES.md).
                 acc = pl.run_state(pv)(plgpu.ACC.init(acc))
                 plgpu.barrier_arrive(v_free.at[slot])
-                return ((acc, m, l), slack) if decide else (acc, m, l)
+                return ((acc, m, l), held[0]) if decide else (acc, m, l)
 
             def blocks(start, carry, frozen):
                 first_masked = max(n_full, start) if isinstance(n_full, int) else jnp.maximum(n_full, start)
@@ -511,20 +531,84 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, k_norms, *, S: in
                                           carry)
                 return carry
 
-            def held(carry):
-                """The rest with m held at max(the first block's maximum, bound - MARGIN): P <= 2^MARGIN."""
-                acc, m, l = carry
-                m_held = jnp.maximum(m, row_bound - FROZEN_MAX_MARGIN)
-                alpha = jnp.exp2(m - m_held)
-                carry = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]), m_held, l * alpha
-                return blocks(1, carry, frozen=True)
-
             if not config.frozen_max:
                 return blocks(0, carry0, frozen=False)
             # block 0 sets m (masked when ragged: it may be the last)
-            carry, slack = body(0, carry0, masked=ragged, decide=True)
-            return lax.cond(slack <= FROZEN_MAX_SLACK, held,
-                            functools.partial(blocks, 1, frozen=False), carry)
+            carry, held = body(0, carry0, masked=ragged, decide=True)
+            return lax.cond(held, functools.partial(blocks, 1, frozen=True), functools.partial(blocks, 1, frozen=False),
+                            carry)
+
+        def chained(q_smem, q_rows, row_bound, carry0):
+            """Ping-pong, a warpgroup's matmuls back to back: per key block j, O += P_j V_j and S_{j+1} = Q K_{j+1}ᵀ are
+            issued together and awaited together, then the softmax of block j+1 (the other warpgroup's matmuls run
+            meanwhile). O stays in its wgmma accumulator throughout."""
+            _, m, l = carry0
+
+            def first_qk(s_ref):
+                plgpu.wgmma(s_ref, q_smem, k_smem.at[0].T)
+                if config.pingpong:
+                    sched_sync()
+                return s_ref[...]
+
+            s = pl.run_scoped(first_qk, plgpu.ACC((block_q, block_kv), s_dtype))
+            plgpu.barrier_arrive(k_free.at[0])
+            # With frozen_max block 0 also decides whether this warpgroup holds its rows' maxima from here on — one
+            # value for all its threads (its wgmmas must take one branch), reduced across its warps inside its
+            # ping-pong softmax phase: that reduction's shared-memory scratch is the kernel's one, and the two
+            # warpgroups' softmax phases never overlap.
+            p, m, l, _, *held = softmax(s, m, l, 0, ragged, q_rows, hold_bound=row_bound if frozen_max else None)
+            p, m, l = lax.optimization_barrier((p, m, l))  # m depends on the hold test: its reduction stays here
+
+            def matmul_phase_start(slot):
+                if config.pingpong:
+                    plgpu.barrier_arrive(sched)
+                plgpu.barrier_wait(v_ready.at[slot])
+                if config.pingpong:
+                    plgpu.barrier_wait(sched)
+
+            def run(frozen, carry, o_ref):
+                def body(j, carry, masked):  # P_j V_j, then block j + 1's logits and softmax
+                    p, m, l = carry
+                    slot, nxt = lax.rem(j, stages), lax.rem(j + 1, stages)
+                    matmul_phase_start(slot)
+                    plgpu.wgmma(o_ref, p, v_smem.at[slot])
+                    plgpu.barrier_wait(k_ready.at[nxt])
+
+                    def qk(s_ref):
+                        plgpu.wgmma(s_ref, q_smem, k_smem.at[nxt].T)
+                        if config.pingpong:
+                            sched_sync()
+                        return plgpu.wgmma_accumulator_load(s_ref, wait_n=0)  # P_j V_j is done too
+
+                    s = pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), s_dtype))
+                    plgpu.barrier_arrive(v_free.at[slot])
+                    plgpu.barrier_arrive(k_free.at[nxt])
+                    p, m, l, alpha = softmax(s, m, l, j + 1, masked, q_rows, frozen)
+                    if not frozen:
+                        o_ref[...] = o_ref[...] * lax.broadcast_in_dim(alpha, o_ref.shape, [0])
+                    # Keeps the scheduler from sinking the softmax past the barrier (as in jax's example).
+                    return lax.optimization_barrier((p, m, l))
+
+                # body j computes block j + 1's softmax: blocks 1 .. n_full - 1 unmasked, the rest masked
+                first_masked = max(n_full, 1) if isinstance(n_full, int) else jnp.maximum(n_full, 1)
+                carry = lax.fori_loop(0, first_masked - 1, functools.partial(body, masked=False), carry)
+                if ragged:
+                    carry = lax.fori_loop(first_masked - 1, n_kv - 1, functools.partial(body, masked=True), carry)
+                p, m, l = carry
+                last = lax.rem(n_kv - 1, stages)
+                matmul_phase_start(last)
+                plgpu.wgmma(o_ref, p, v_smem.at[last])
+                plgpu.wgmma_wait(0)
+                plgpu.barrier_arrive(v_free.at[last])
+                return m, l
+
+            def rest(frozen, carry):
+                acc, (m, l) = _run_scoped_acc(functools.partial(run, frozen, carry), (block_q, H))
+                return acc, m, l
+
+            if not frozen_max:
+                return rest(False, (p, m, l))
+            return lax.cond(held[0], functools.partial(rest, True), functools.partial(rest, False), (p, m, l))
 
         def overlapped(q_smem, q_rows, carry0):
             """FA3 schedule: issue S_j = Q K_jᵀ and O += P_{j-1} V_{j-1}, softmax S_j while PV runs."""
@@ -579,7 +663,7 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, k_norms, *, S: in
 
         @pl.when(wg < 2)
         def _compute():
-            plgpu.set_max_registers(240 if config.overlap else 232, action="increase")
+            plgpu.set_max_registers(240 if config.overlap or config.chained else 232, action="increase")
             q_smem = q_smem2.at[wg]
             cta = lax.axis_index("cluster") if clustered else 0
             q_base = (2 * (config.cluster * qi + cta) + wg) * block_q
@@ -607,8 +691,9 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, k_norms, *, S: in
             plgpu.barrier_wait(k_ready.at[0])  # n_kv >= 1 always (kv_end is clipped to >= 1)
             if config.pingpong:
                 pl.when(wg == 1)(sched_sync)  # offsets warpgroup 1 by one phase
-            acc, m, l = (overlapped(q_smem, q_rows, (acc, m, l)) if config.overlap
-                         else two_phase(q_smem, q_rows, row_bound, (acc, m, l)))
+            schedule = (functools.partial(overlapped, q_smem, q_rows) if config.overlap else
+                        functools.partial(chained if config.chained else two_phase, q_smem, q_rows, row_bound))
+            acc, m, l = schedule((acc, m, l))
             if config.pingpong:
                 pl.when(wg == 0)(sched_sync)  # balances the barrier's arrivals
             inv_l = 1.0 / l
@@ -627,7 +712,7 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, k_norms, *, S: in
 
         @pl.when(wg == 2)
         def _memory():
-            plgpu.set_max_registers(24 if config.overlap else 40, action="decrease")
+            plgpu.set_max_registers(24 if config.overlap or config.chained else 40, action="decrease")
 
             def v_block(j):  # (block_kv, H), or (H, block_kv) of the transposed fp8 V
                 keys = pl.ds(j * block_kv, block_kv)

@@ -35,8 +35,11 @@ def _export(fn, platform, B, T, S, N, H, kv_len):
 
 @pytest.mark.parametrize("config", [MgpuConfig(), MgpuConfig(overlap=True), MgpuConfig(block_kv=192, cluster=2),
                                     MgpuConfig(block_kv=192, cluster=4), MgpuConfig(block_kv=192, frozen_max=True),
+                                    MgpuConfig(block_kv=192, chained=True),
+                                    MgpuConfig(block_kv=192, cluster=2, frozen_max=True, chained=True),
                                     flash_mgpu.LONG_KV_CONFIG],
-                         ids=["pingpong", "overlap", "cluster2", "cluster4", "frozen_max", "long_kv"])
+                         ids=["pingpong", "overlap", "cluster2", "cluster4", "frozen_max", "chained", "chained_frozen",
+                              "long_kv"])
 @pytest.mark.parametrize("shape", [(1, 1000, 1000, 2, 128, False), (2, 300, 77, 1, 64, True)],
                          ids=["ragged", "short_kv_len"])
 def test_mgpu_kernel_lowers_for_cuda(config, shape):
@@ -64,7 +67,8 @@ def test_mgpu_kernel_with_log_sum_exp_lowers_for_cuda(config):
 
 def test_held_maxima_need_their_bound_and_the_ping_pong():
     """frozen_max is exact only where the kernel has the rows' logit bounds: the exact mode without a key_bias, and
-    its one cross-warp reduction is safe only inside the ping-pong's mutually exclusive softmax phases."""
+    its one cross-warp reduction is safe only inside the ping-pong's mutually exclusive softmax phases; the chained
+    ping-pong (made for it) is exact-mode and two-phase only."""
     assert flash_mgpu.LONG_KV_CONFIG.frozen_max and not flash_mgpu.SHORT_KV_CONFIG.frozen_max
     with pytest.raises(ValueError, match="frozen_max needs the ping-pong schedule"):
         MgpuConfig(overlap=True, frozen_max=True)
@@ -76,6 +80,10 @@ def test_held_maxima_need_their_bound_and_the_ping_pong():
         flash_mgpu.flash_attention_mgpu(q, q, q, int8_qk=True, config=held)
     with pytest.raises(ValueError, match="frozen_max only in exact mode without key_bias"):
         flash_mgpu.flash_attention_mgpu(q, q, q, key_bias=jnp.zeros((1, 64)), config=held)
+    with pytest.raises(ValueError, match="chained only in exact mode"):
+        flash_mgpu.flash_attention_mgpu(q, q, q, int8_qk=True, config=MgpuConfig(block_kv=192, chained=True))
+    with pytest.raises(ValueError, match="chained is a variant of the two-phase schedule"):
+        MgpuConfig(overlap=True, chained=True)
 
 
 def test_max_key_norms_bound_every_logit():
