@@ -19,7 +19,7 @@ Clusters (`cluster=2`): two CTAs with neighbouring query blocks of one head run 
 is loaded from L2 once for both — each CTA's TMA fetches half and multicasts it into both shared memories — so
 the L2 -> SMEM traffic halves (~5 TB/s at Wan-1.3B 480p without it: every 128 query rows read all of K and V).
 A slot is refilled only when the consumers of both CTAs have released it (a cluster barrier).
-Held maxima (`frozen_max`, exact): after the first key block a warpgroup may fix its rows' maxima for the rest, so
+Held maxima (`frozen_max`, exact; chained schedule): after the first key block a warpgroup may fix its rows' maxima, so
 the later blocks' softmax is exp2, row sum and P's conversion alone (no maximum, no rescale of O and l) — where the
 rows' Cauchy–Schwarz bounds |q_i| · max_j |k_j| prove every exponential stays in range (`FROZEN_MAX_MARGIN`).
 `default_config(S)` picks the variant measured fastest on an H200 for the key length: 128-key blocks with the chained
@@ -105,9 +105,9 @@ class MgpuConfig:
             raise ValueError(f"MgpuConfig: stages must be >= 2, got {self.stages}")
         if self.cluster not in (1, 2, 4):
             raise ValueError(f"MgpuConfig: cluster must be 1, 2 or 4, got {self.cluster}")
-        if self.frozen_max and (self.overlap or not self.pingpong):
-            raise ValueError(f"MgpuConfig: frozen_max needs the ping-pong schedule (overlap=False, pingpong=True), "
-                             f"got {self}")
+        if self.frozen_max and not (self.chained and self.pingpong):
+            raise ValueError(f"MgpuConfig: frozen_max needs the chained ping-pong schedule (chained=True, "
+                             f"pingpong=True), got {self}")
         if self.chained and self.overlap:
             raise ValueError(f"MgpuConfig: chained is a variant of the two-phase schedule (overlap=False), got {self}")
 
@@ -481,10 +481,10 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, k_norms, *, S: in
             p = _p_to_fp8(p) if fp8_pv else p.astype(dtype)
             return (p, m_new, l, alpha) if held is None else (p, m_new, l, alpha, held)
 
-        def two_phase(q_smem, q_rows, row_bound, carry0):
+        def two_phase(q_smem, q_rows, carry0):
             """Schedule without intra-warpgroup overlap: S = QKᵀ; softmax; O += PV, per block."""
 
-            def body(j, carry, masked, frozen=False, decide=False):
+            def body(j, carry, masked):
                 acc, m, l = carry
                 slot = lax.rem(j, stages)
 
@@ -496,13 +496,9 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, k_norms, *, S: in
 
                 s = pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), s_dtype))
                 plgpu.barrier_arrive(k_free.at[slot])
-                # `decide` (block 0 with frozen_max): also whether this warpgroup holds its rows' maxima from here on,
-                # decided inside its ping-pong softmax phase (see chained())
-                p, m, l, alpha, *held = softmax(s, m, l, j, masked, q_rows, frozen, row_bound if decide else None)
-                if not frozen:
-                    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                # Keeps the scheduler from sinking the softmax past the barrier (as in jax's example); a held m
-                # depends on the hold test, so its reduction stays in this phase too.
+                p, m, l, alpha = softmax(s, m, l, j, masked, q_rows)
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                # Keeps the scheduler from sinking the softmax past the barrier (as in jax's example).
                 acc, m, l, p = lax.optimization_barrier((acc, m, l, p))
                 if config.pingpong:
                     plgpu.barrier_arrive(sched)
@@ -521,22 +517,12 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, k_norms, *, S: in
                 # (SageAttention2's two-level accumulation) changed no error and cost 9% (benchmarks/NOTES.md).
                 acc = pl.run_state(pv)(plgpu.ACC.init(acc))
                 plgpu.barrier_arrive(v_free.at[slot])
-                return ((acc, m, l), held[0]) if decide else (acc, m, l)
+                return acc, m, l
 
-            def blocks(start, carry, frozen):
-                first_masked = max(n_full, start) if isinstance(n_full, int) else jnp.maximum(n_full, start)
-                carry = lax.fori_loop(start, n_full, functools.partial(body, masked=False, frozen=frozen), carry)
-                if ragged:
-                    carry = lax.fori_loop(first_masked, n_kv, functools.partial(body, masked=True, frozen=frozen),
-                                          carry)
-                return carry
-
-            if not config.frozen_max:
-                return blocks(0, carry0, frozen=False)
-            # block 0 sets m (masked when ragged: it may be the last)
-            carry, held = body(0, carry0, masked=ragged, decide=True)
-            return lax.cond(held, functools.partial(blocks, 1, frozen=True), functools.partial(blocks, 1, frozen=False),
-                            carry)
+            carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry0)
+            if ragged:
+                carry = lax.fori_loop(n_full, n_kv, functools.partial(body, masked=True), carry)
+            return carry
 
         def chained(q_smem, q_rows, row_bound, carry0):
             """Ping-pong, a warpgroup's matmuls back to back: per key block j, O += P_j V_j and S_{j+1} = Q K_{j+1}ᵀ are
@@ -692,7 +678,8 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, k_norms, *, S: in
             if config.pingpong:
                 pl.when(wg == 1)(sched_sync)  # offsets warpgroup 1 by one phase
             schedule = (functools.partial(overlapped, q_smem, q_rows) if config.overlap else
-                        functools.partial(chained if config.chained else two_phase, q_smem, q_rows, row_bound))
+                        functools.partial(chained, q_smem, q_rows, row_bound) if config.chained else
+                        functools.partial(two_phase, q_smem, q_rows))
             acc, m, l = schedule((acc, m, l))
             if config.pingpong:
                 pl.when(wg == 0)(sched_sync)  # balances the barrier's arrivals

@@ -34,12 +34,10 @@ def _export(fn, platform, B, T, S, N, H, kv_len):
 
 
 @pytest.mark.parametrize("config", [MgpuConfig(), MgpuConfig(overlap=True), MgpuConfig(block_kv=192, cluster=2),
-                                    MgpuConfig(block_kv=192, cluster=4), MgpuConfig(block_kv=192, frozen_max=True),
-                                    MgpuConfig(block_kv=192, chained=True),
-                                    MgpuConfig(block_kv=192, cluster=2, frozen_max=True, chained=True),
+                                    MgpuConfig(block_kv=192, cluster=4), MgpuConfig(chained=True),
+                                    MgpuConfig(block_kv=192, frozen_max=True, chained=True),
                                     flash_mgpu.LONG_KV_CONFIG],
-                         ids=["pingpong", "overlap", "cluster2", "cluster4", "frozen_max", "chained", "chained_frozen",
-                              "long_kv"])
+                         ids=["pingpong", "overlap", "cluster2", "cluster4", "chained", "frozen_max_192", "long_kv"])
 @pytest.mark.parametrize("shape", [(1, 1000, 1000, 2, 128, False), (2, 300, 77, 1, 64, True)],
                          ids=["ragged", "short_kv_len"])
 def test_mgpu_kernel_lowers_for_cuda(config, shape):
@@ -67,15 +65,14 @@ def test_mgpu_kernel_with_log_sum_exp_lowers_for_cuda(config):
 
 def test_held_maxima_need_their_bound_and_the_ping_pong():
     """frozen_max is exact only where the kernel has the rows' logit bounds: the exact mode without a key_bias, and
-    its one cross-warp reduction is safe only inside the ping-pong's mutually exclusive softmax phases; the chained
-    ping-pong (made for it) is exact-mode and two-phase only."""
+    its one cross-warp reduction is safe only inside the ping-pong's mutually exclusive softmax phases (its schedule,
+    the chained ping-pong, is exact-mode and two-phase only)."""
     assert flash_mgpu.LONG_KV_CONFIG.frozen_max and not flash_mgpu.SHORT_KV_CONFIG.frozen_max
-    with pytest.raises(ValueError, match="frozen_max needs the ping-pong schedule"):
-        MgpuConfig(overlap=True, frozen_max=True)
-    with pytest.raises(ValueError, match="frozen_max needs the ping-pong schedule"):
-        MgpuConfig(pingpong=False, frozen_max=True)
+    for schedule in (dict(overlap=True), dict(chained=False), dict(chained=True, pingpong=False)):
+        with pytest.raises(ValueError, match="frozen_max needs the chained ping-pong schedule"):
+            MgpuConfig(frozen_max=True, **schedule)
     q = jnp.zeros((1, 64, 1, 128), jnp.bfloat16)
-    held = MgpuConfig(block_kv=192, frozen_max=True)
+    held = MgpuConfig(frozen_max=True, chained=True)
     with pytest.raises(ValueError, match="frozen_max only in exact mode without key_bias"):
         flash_mgpu.flash_attention_mgpu(q, q, q, int8_qk=True, config=held)
     with pytest.raises(ValueError, match="frozen_max only in exact mode without key_bias"):
@@ -102,7 +99,7 @@ def test_held_max_slack_is_the_kernels_hold_test():
     """`held_max_slack` (the diagnostic of benchmarks/attention_hold.py) against numpy: per tile of block_q query
     rows, the largest |q_i|·max|k| - max over the first block_kv keys of q_i·k_j, in log2 units (ragged T: the last
     tile's missing rows do not count); unit-normal q and k pass the kernel's test, q x 16 fails it."""
-    cfg = MgpuConfig(block_q=64, block_kv=192, frozen_max=True)
+    cfg = MgpuConfig(block_q=64, block_kv=192, frozen_max=True, chained=True)
     rng = np.random.default_rng(1)
     q = rng.normal(size=(2, 150, 3, 64)).astype(np.float32) * np.array([1.0, 3.0, 0.5])[:, None]
     k = rng.normal(size=(2, 400, 3, 64)).astype(np.float32)
