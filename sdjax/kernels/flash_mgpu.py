@@ -6,7 +6,7 @@ One CTA owns 2 * block_q query rows of one (batch, head) and has three warpgroup
     gives its registers to the compute warpgroups (setmaxnreg).
 Per key block a compute warpgroup does S = Q Kᵀ (wgmma, Q and K from shared memory), an online softmax
 in base 2 (the 1/sqrt(H) scale folded into log2(e), one FMA per logit), and O += P V (wgmma with P from
-registers). Two schedules:
+registers). Three schedules:
   - `overlap=False`: the compute warpgroups "ping-pong" on a shared barrier, so one's softmax runs while
     the other's matmuls occupy the tensor cores (jax's attention_mgpu example does this);
   - `chained=True`, a variant of the ping-pong: a warpgroup's O += P_j V_j and S_{j+1} = Q K_{j+1}ᵀ are issued
@@ -90,7 +90,7 @@ class MgpuConfig:
     cluster: int = 1
     # Exact: the rows' maxima are fixed after the first key block (`FROZEN_MAX_MARGIN`), so the later blocks' softmax
     # has no maximum and O and l no rescale — taken by a warpgroup only where the logits' Cauchy–Schwarz bound proves
-    # the fixed maximum keeps every exponential in range.
+    # the fixed maximum keeps every exponential in range. Runs in the chained schedule.
     frozen_max: bool = False
     # Two-phase only: a warpgroup issues O += P_j V_j and S_{j+1} = Q K_{j+1}ᵀ back to back and awaits them together,
     # so its tensor-core phase has no drain between the two (the plain schedule waits for P V before issuing Q Kᵀ).
