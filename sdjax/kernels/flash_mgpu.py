@@ -449,6 +449,18 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, k_norms, *, S: in
             plgpu.barrier_arrive(sched)
             plgpu.barrier_wait(sched)
 
+        def logits(q_smem, slot):
+            """S = Q Kᵀ of the key block in `slot` (awaited with every wgmma this warpgroup has in flight); with the
+            ping-pong, the tensor cores go to the other warpgroup before the wait."""
+
+            def qk(s_ref):
+                plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].T)
+                if config.pingpong:
+                    sched_sync()
+                return s_ref[...]
+
+            return pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), s_dtype))
+
         def softmax(s, m, l, j, masked, q_rows, frozen=False, hold_bound=None):
             """Online-softmax update for key block j: returns (P in V's dtype, m, l, alpha); `frozen`: m is held
             (alpha None, nothing to rescale). `hold_bound` (the rows' logit bounds; the first block with frozen_max):
@@ -487,14 +499,7 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, k_norms, *, S: in
             def body(j, carry, masked):
                 acc, m, l = carry
                 slot = lax.rem(j, stages)
-
-                def qk(s_ref):
-                    plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].T)
-                    if config.pingpong:
-                        sched_sync()
-                    return s_ref[...]
-
-                s = pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), s_dtype))
+                s = logits(q_smem, slot)
                 plgpu.barrier_arrive(k_free.at[slot])
                 p, m, l, alpha = softmax(s, m, l, j, masked, q_rows)
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
@@ -529,14 +534,7 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, k_norms, *, S: in
             issued together and awaited together, then the softmax of block j+1 (the other warpgroup's matmuls run
             meanwhile). O stays in its wgmma accumulator throughout."""
             _, m, l = carry0
-
-            def first_qk(s_ref):
-                plgpu.wgmma(s_ref, q_smem, k_smem.at[0].T)
-                if config.pingpong:
-                    sched_sync()
-                return s_ref[...]
-
-            s = pl.run_scoped(first_qk, plgpu.ACC((block_q, block_kv), s_dtype))
+            s = logits(q_smem, 0)
             plgpu.barrier_arrive(k_free.at[0])
             # With frozen_max block 0 also decides whether this warpgroup holds its rows' maxima from here on — one
             # value for all its threads (its wgmmas must take one branch), reduced across its warps inside its
@@ -559,14 +557,7 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, k_norms, *, S: in
                     matmul_phase_start(slot)
                     plgpu.wgmma(o_ref, p, v_smem.at[slot])
                     plgpu.barrier_wait(k_ready.at[nxt])
-
-                    def qk(s_ref):
-                        plgpu.wgmma(s_ref, q_smem, k_smem.at[nxt].T)
-                        if config.pingpong:
-                            sched_sync()
-                        return plgpu.wgmma_accumulator_load(s_ref, wait_n=0)  # P_j V_j is done too
-
-                    s = pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), s_dtype))
+                    s = logits(q_smem, nxt)  # P_j V_j is done too
                     plgpu.barrier_arrive(v_free.at[slot])
                     plgpu.barrier_arrive(k_free.at[nxt])
                     p, m, l, alpha = softmax(s, m, l, j + 1, masked, q_rows, frozen)
