@@ -5,7 +5,8 @@
 
 The kernel fixes a warpgroup's row maxima after the first key block where every row's Cauchy–Schwarz bound
 |q_i| · max_j |k_j| is within FROZEN_MAX_SLACK (log2 units) of its first block's maximum; where
-not, it keeps the online maximum, ~7% slower than the kernel without held maxima (benchmarks/NOTES.md, session 18).
+not, it keeps the online maximum: 10.6-10.75 ms against the held 9.45-9.64 at Wan-1.3B 480p on an H200
+(benchmarks/NOTES.md, session 19).
 Random weights always hold; this measures trained ones. Every self-attention call of whole generations (all
 steps and layers, exact attention, no feature cache) goes through `flash_mgpu.held_max_slack` — the test as the
 kernel computes it, per tile of block_q rows — and the script reports the share of tiles held and the slack's
