@@ -74,10 +74,11 @@ TEXT_ROWS = 512
 Q_SCALE = {"wan1.3b_480p_q3": 3.0, "wan1.3b_480p_q8": 8.0, "wan1.3b_480p_q16": 16.0}
 DEFAULT_SHAPES = [s for s in SHAPES if not s.startswith("tiny_cpu")]
 # Kernel-config variants timed by --sweep, per shape: mgpu[_int8]:block_q,block_kv,stages,overlap,pingpong[,cluster
-# [,frozen_max[,chained]]] and
+# [,frozen_max[,chained[,tail_split]]]] and
 # triton:block_q,block_k,num_warps,num_stages (cuDNN first as the same-process baseline).
 SWEEP = {
-    "wan1.3b_480p": ("cudnn", "mgpu:64,128,2,0,1,2,1,1", "mgpu:64,192,2,0,1,2,1,1", "mgpu:64,128,2,0,1,1,1,1",
+    "wan1.3b_480p": ("cudnn", "mgpu:64,128,2,0,1,2,1,1,1", "mgpu:64,128,2,0,1,2,1,1", "mgpu:64,192,2,0,1,2,1,1",
+                     "mgpu:64,128,2,0,1,1,1,1",
                      "mgpu:64,192,2,0,1", "mgpu:64,192,2,0,1,2", "mgpu:64,192,2,0,1,4",
                      "mgpu:64,128,2,1,0", "mgpu:64,192,2,1,0", "mgpu:64,192,2,1,1", "mgpu:64,192,2,0,0",
                      "mgpu:64,128,2,0,1", "mgpu_int8:64,192,2,0,1", "mgpu_int8:64,192,2,0,1,2",
@@ -137,9 +138,10 @@ def card_slug(name: str) -> str:
 def _mgpu_config(spec: str):
     _, flash_mgpu, _ = _import_kernels()
     bq, bkv, st, ov, pp, *rest = (int(x) for x in spec.split(":")[1].split(","))
-    cluster, frozen_max, chained = (rest + [1, 0, 0][len(rest):])[:3]
+    cluster, frozen_max, chained, tail_split = (rest + [1, 0, 0, 0][len(rest):])[:4]
     return flash_mgpu.MgpuConfig(block_q=bq, block_kv=bkv, stages=st, overlap=bool(ov), pingpong=bool(pp),
-                                 cluster=cluster, frozen_max=bool(frozen_max), chained=bool(chained))
+                                 cluster=cluster, frozen_max=bool(frozen_max), chained=bool(chained),
+                                 tail_split=bool(tail_split))
 
 
 def _best_swept(log: Path, long_kv: bool) -> str | None:
@@ -372,7 +374,7 @@ def main():
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--log", help=argparse.SUPPRESS)
     ap.add_argument("--mgpu-config", help="run pallas_mgpu (and what calls it) with this variant "
-                    "(mgpu:bq,bkv,stages,overlap,pingpong[,cluster[,frozen_max[,chained]]]) instead of "
+                    "(mgpu:bq,bkv,stages,overlap,pingpong[,cluster[,frozen_max[,chained[,tail_split]]]]) instead of "
                     "flash_mgpu.default_config; 'best': the fastest swept variant for the shape's key-length class "
                     "(needs --sweep)")
     a = ap.parse_args()

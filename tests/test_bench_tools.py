@@ -51,12 +51,13 @@ def test_collective_overlap_splits_transfer_time_by_what_runs_beside_it():
 
 
 def test_attention_bench_kernel_variant_syntax():
-    """mgpu:block_q,block_kv,stages,overlap,pingpong[,cluster[,frozen_max[,chained]]] (benchmarks/attention.py,
-    dit_step.py)."""
+    """mgpu:block_q,block_kv,stages,overlap,pingpong[,cluster[,frozen_max[,chained[,tail_split]]]]
+    (benchmarks/attention.py, dit_step.py)."""
     from benchmarks.attention import _mgpu_config
-    from sdjax.kernels.flash_mgpu import MgpuConfig
+    from sdjax.kernels.flash_mgpu import LONG_KV_CONFIG, MgpuConfig
 
     assert _mgpu_config("mgpu:64,192,2,0,1") == MgpuConfig(block_kv=192)
     assert _mgpu_config("mgpu:64,192,2,0,1,2") == MgpuConfig(block_kv=192, cluster=2)
     assert _mgpu_config("mgpu:64,128,2,0,1,2,1,1") == MgpuConfig(cluster=2, frozen_max=True, chained=True)
+    assert _mgpu_config("mgpu:64,128,2,0,1,2,1,1,1") == LONG_KV_CONFIG
     assert _mgpu_config("mgpu:64,128,3,1,0") == MgpuConfig(block_kv=128, stages=3, overlap=True, pingpong=False)

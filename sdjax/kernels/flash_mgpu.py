@@ -97,6 +97,10 @@ class MgpuConfig:
     # Made for held maxima (O untouched between blocks); with the online maximum at 192-key blocks it measured 2.3x
     # slower (O's rescale beside S, P and O in flight: NOTES, session 19).
     chained: bool = False
+    # Chained only: the CTA clusters of the last, partly filled wave (every cluster does the same work, so the SMs
+    # would idle while it runs) split their keys into a few ranges each, run as more, shorter clusters and merged by
+    # log-sum-exp after the kernel (`plan_tail`).
+    tail_split: bool = False
 
     def __post_init__(self):
         if self.block_q % 64 or self.block_kv % 64:
@@ -110,6 +114,8 @@ class MgpuConfig:
                              f"pingpong=True), got {self}")
         if self.chained and self.overlap:
             raise ValueError(f"MgpuConfig: chained is a variant of the two-phase schedule (overlap=False), got {self}")
+        if self.tail_split and not self.chained:
+            raise ValueError(f"MgpuConfig: tail_split needs the chained schedule (chained=True), got {self}")
 
 
 # Measured on an H200 (benchmarks/NOTES.md, Attention; benchmarks/results/attention_h200*.json):
@@ -124,7 +130,7 @@ class MgpuConfig:
 #   chained ping-pong 0.3-0.7% of that; forward B=1 424.8 -> 409.3 ms, 14B 2,418 -> 2,348 (NOTES, session 19);
 # - 512 text keys: 192-key blocks pad the third block (387 TFLOP/s), so 128-key blocks with the overlap
 #   schedule and no ping-pong (462; the ping-pong 128 variant: 444).
-LONG_KV_CONFIG = MgpuConfig(block_kv=128, cluster=2, frozen_max=True, chained=True)
+LONG_KV_CONFIG = MgpuConfig(block_kv=128, cluster=2, frozen_max=True, chained=True, tail_split=True)
 LONG_KV_INT8_CONFIG = MgpuConfig(block_kv=192)
 SHORT_KV_CONFIG = MgpuConfig(block_kv=128, overlap=True, pingpong=False)
 LONG_KV_FROM = 4096  # keys; measured points: 512 (short wins), 32,760 and 75,600 (long wins)
@@ -149,6 +155,43 @@ FP8_PV_CONFIG = MgpuConfig(block_kv=128, stages=4)
 FROZEN_MAX_MARGIN = 64.0
 FROZEN_MAX_DEPTH = 96.0
 FROZEN_MAX_SLACK = FROZEN_MAX_MARGIN + FROZEN_MAX_DEPTH  # a tile holds where max(b - m0) <= this
+
+# The last wave (`tail_split`). Every cluster of CTAs does the same work, so B · N · ⌈T / rows⌉ clusters on `slots`
+# cluster slots (SMs / cluster) leave the SMs idle through the last, partly filled wave: measured on an H200 at
+# Wan-1.3B 480p keys, 22 / 22.9 / 23.09 / 23.27 waves of clusters took 8.90 / 9.33 / 9.58 / 9.55-9.65 ms — whole
+# waves at 0.40 ms each, nearly in lock-step (benchmarks/NOTES.md, session 20). `plan_tail` splits the keys of the
+# last m clusters into `pieces` ranges, so those run as m · pieces shorter clusters after the whole waves. A CTA's
+# fixed cost (its start, Q's load, the pipeline's fill, O's store) is about the time of this many keys (the same
+# run: 0.10 ms at 23.3 waves, ~4.3 us a CTA, against 12.2 ns a key):
+TAIL_PIECE_FIXED_KEYS = 350
+TAIL_MIN_PIECE_BLOCKS = 8  # key blocks of a piece (its fixed cost stays small; >= the K/V ring's stages)
+TAIL_MAX_PIECES = 8
+
+
+def plan_tail(units: int, slots: int, key_blocks: int, block_kv: int) -> tuple[int, int] | None:
+    """(m, pieces): split the keys of the last m of `units` equal clusters into `pieces` ranges each — or None where
+    no split beats whole waves. Modelled in lock-step waves of `slots` clusters (a unit's time 1): m is what the
+    whole waves leave (plus whole waves, in case a deeper split packs better), and each piece costs 1 / pieces plus
+    a CTA's fixed cost."""
+    fixed = TAIL_PIECE_FIXED_KEYS / (key_blocks * block_kv)
+    best_time, best = -(-units // slots), None
+    for extra_waves in range(3):
+        m = units % slots + extra_waves * slots
+        if m == 0 or m > units:
+            continue
+        for pieces in range(2, min(TAIL_MAX_PIECES, key_blocks // TAIL_MIN_PIECE_BLOCKS) + 1):
+            time = (units - m) // slots + -(-m * pieces // slots) * (1 / pieces + fixed)
+            if time < best_time - 1e-9:
+                best_time, best = time, (m, pieces)
+    return best
+
+
+def gpu_cluster_slots(cluster: int) -> int | None:
+    """Clusters of `cluster` CTAs resident at once on the default device (one CTA an SM: the long-key configs' shared
+    memory), or None off GPUs."""
+    device = jax.devices()[0]
+    return device.core_count // cluster if device.platform == "gpu" else None
+
 
 def default_config(S: int, int8_qk: bool = False) -> MgpuConfig:
     """The measured-fastest variant for S keys (and S = Q Kᵀ on the int8 tensor cores)."""
@@ -177,7 +220,8 @@ def _smem(shape, dtype):
 
 
 def flash_attention_mgpu(q, k, v, kv_len=None, *, key_bias=None, config: MgpuConfig | None = None,
-                         int8_qk: bool = False, fp8_pv: bool = False, return_lse: bool = False):
+                         int8_qk: bool = False, fp8_pv: bool = False, return_lse: bool = False,
+                         cluster_slots: int | None = None):
     """softmax(q kᵀ / sqrt(H) [+ key_bias]) v on Hopper. q (B, T, N, H), k/v (B, S, N, H), kv_len (B,),
     key_bias (B, S) -> (B, T, N, H).
 
@@ -189,6 +233,8 @@ def flash_attention_mgpu(q, k, v, kv_len=None, *, key_bias=None, config: MgpuCon
     `int8_qk` (lossy): S = Q Kᵀ on the int8 tensor cores from per-block quantized q, k (`quantize_qk_int8`).
     `fp8_pv` (lossy, with `int8_qk`): O = P V on the fp8 tensor cores, P and V in e4m3 (`quantize_v_fp8`).
     `key_bias` (exact mode, S <= MAX_BIAS_KEYS): added to every query's logit of that key (folded text padding).
+    `cluster_slots` (with `config.tail_split`): clusters resident at once, for `plan_tail`; defaults to the default
+    device's (`gpu_cluster_slots`).
     """
     if config is None:
         config = FP8_PV_CONFIG if fp8_pv else default_config(k.shape[1], int8_qk)
@@ -224,8 +270,13 @@ def flash_attention_mgpu(q, k, v, kv_len=None, *, key_bias=None, config: MgpuCon
     v_scale = None
     if fp8_pv:
         v, v_scale = quantize_v_fp8(v)
+    tail = None
+    if config.tail_split and kv_len is None:  # (a traced kv_len could leave a piece without keys)
+        slots = cluster_slots or gpu_cluster_slots(config.cluster)
+        units = q.shape[0] * q.shape[2] * pl.cdiv(T, 2 * config.block_q * config.cluster)
+        tail = plan_tail(units, slots, n_kv_max, block_kv) if slots else None
     out = _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, k_norms, S=S, stages=stages, config=config,
-                      out_dtype=out_dtype, with_lse=return_lse)
+                      out_dtype=out_dtype, with_lse=return_lse, tail=tail)
     if return_lse:
         out, lse = out
         return out[:, :T], lse[:, :, :T].transpose(0, 2, 1)
@@ -399,13 +450,15 @@ def _pad_tokens(x, length: int):
 
 
 def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, k_norms, *, S: int, stages: int, config: MgpuConfig,
-                out_dtype, with_lse: bool = False):
+                out_dtype, with_lse: bool = False, tail: tuple[int, int] | None = None):
     """The kernel proper; keys at or past S (or kv_len) are masked whatever k's padded length.
     `with_lse`: returns (O, lse (B, N, T) fp32, natural log) instead of O.
     `key_bias` (B, S') fp32 in log2 units (S' = k's padded length), added to each key's logits, or None.
     `qk_scales` = (q_scale, k_scale) per block when q, k are int8 (`quantize_qk_int8`), else None;
     `v_scale` = V's per-head scale when v is fp8 (`quantize_v_fp8`), else None;
-    `k_norms` = the heads' largest key norms with `config.frozen_max` (`max_key_norms`), else None."""
+    `k_norms` = the heads' largest key norms with `config.frozen_max` (`max_key_norms`), else None.
+    `tail` = (m, pieces) from `plan_tail` (chained, no kv_len): the last m query clusters run as `pieces` clusters
+    each over consecutive ranges of the keys, merged afterwards (`_merge_tail`)."""
     B, T, N, H = q.shape
     fp8_pv = v_scale is not None  # v is then (B, N, H, S') float8 (`quantize_v_fp8`)
     dtype = out_dtype  # of O, and of P and V unless they are fp8; q/k may be int8 (Q Kᵀ on int8 tensor cores)
@@ -424,6 +477,14 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, k_norms, *, S: in
     frozen_max = k_norms is not None
     S_bias = key_bias.shape[1] if with_bias else 0
     bias_chunks = pl.cdiv(S_bias, BIAS_CHUNK)
+    rows_per_unit = 2 * block_q * config.cluster  # a cluster's query rows
+    grid_q = pl.cdiv(T, rows_per_unit)
+    units = B * N * grid_q  # (batch, head, query cluster), query clusters fastest
+    m_tail, pieces = tail or (0, 1)
+    whole = units - m_tail  # units over all keys; then m_tail units as `pieces` clusters each
+    if tail and (with_kv_len or not config.chained or n_kv_max // pieces < stages):
+        raise ValueError(f"flash_attention_mgpu: tail {tail} needs the chained schedule, no kv_len and pieces of "
+                         f">= {stages} key blocks (of {n_kv_max})")
 
     def kv_bounds(kv_len_ref, b):
         """(kv_end, number of key blocks, number of unmasked key blocks) for batch row b."""
@@ -432,8 +493,14 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, k_norms, *, S: in
         kv_end = jnp.clip(kv_len_ref[b], 1, S)
         return kv_end, (kv_end + block_kv - 1) // block_kv, kv_end // block_kv
 
-    def kernel(q_ref, k_ref, v_ref, kv_len_ref, bias_ref, scale_refs, v_scale_ref, k_norms_ref, o_ref, lse_ref, scoped):
-        qi, h, b = lax.axis_index("q"), lax.axis_index("heads"), lax.axis_index("batch")
+    def kernel(q_ref, k_ref, v_ref, kv_len_ref, bias_ref, scale_refs, v_scale_ref, k_norms_ref, o_ref, lse_ref,
+               part_refs, scoped):
+        unit = lax.axis_index("unit")
+        if tail:  # tail piece i (the i-th cluster past the whole units): unit whole + i // pieces, key range i % pieces
+            in_tail = unit >= whole
+            piece = jnp.maximum(unit - whole, 0)
+            unit = jnp.where(in_tail, whole + lax.div(piece, pieces), unit)
+        b, h, qi = lax.div(unit, N * grid_q), lax.rem(lax.div(unit, grid_q), N), lax.rem(unit, grid_q)
         wg = lax.axis_index("wg")
         if int8_qk:  # logit scales of key block j: the rows' q scales (x log2(e)/sqrt(H)) x block j's k scale
             logit_scale = lambda j, q_rows: q_rows * scale_refs[1][b, j, h]
@@ -444,6 +511,12 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, k_norms, *, S: in
         int8_smem, qs_ready = (extra_smem, extra_ready) if int8_qk else ((), ())
         bias_smem, bias_ready = (extra_smem[0], extra_ready[0]) if with_bias else (None, None)
         kv_end, n_kv, n_full = kv_bounds(kv_len_ref, b)
+        kv_lo = 0  # this CTA's key blocks are kv_lo .. kv_lo + n_kv - 1, the first n_full of them unmasked
+        if tail:
+            key_range = lax.rem(piece, pieces)
+            kv_lo = jnp.where(in_tail, lax.div(key_range * n_kv_max, pieces), 0)
+            n_kv = jnp.where(in_tail, lax.div((key_range + 1) * n_kv_max, pieces), n_kv_max) - kv_lo
+            n_full = jnp.minimum(jnp.maximum(n_full - kv_lo, 0), n_kv)
 
         def sched_sync():
             plgpu.barrier_arrive(sched)
@@ -540,7 +613,8 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, k_norms, *, S: in
             # value for all its threads (its wgmmas must take one branch), reduced across its warps inside its
             # ping-pong softmax phase: that reduction's shared-memory scratch is the kernel's one, and the two
             # warpgroups' softmax phases never overlap.
-            p, m, l, _, *held = softmax(s, m, l, 0, ragged, q_rows, hold_bound=row_bound if frozen_max else None)
+            p, m, l, _, *held = softmax(s, m, l, kv_lo, ragged, q_rows,
+                                        hold_bound=row_bound if frozen_max else None)
             p, m, l = lax.optimization_barrier((p, m, l))  # m depends on the hold test: its reduction stays here
 
             def matmul_phase_start(slot):
@@ -560,7 +634,7 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, k_norms, *, S: in
                     s = logits(q_smem, nxt)  # P_j V_j is done too
                     plgpu.barrier_arrive(v_free.at[slot])
                     plgpu.barrier_arrive(k_free.at[nxt])
-                    p, m, l, alpha = softmax(s, m, l, j + 1, masked, q_rows, frozen)
+                    p, m, l, alpha = softmax(s, m, l, kv_lo + j + 1, masked, q_rows, frozen)
                     if not frozen:
                         o_ref[...] = o_ref[...] * lax.broadcast_in_dim(alpha, o_ref.shape, [0])
                     # Keeps the scheduler from sinking the softmax past the barrier (as in jax's example).
@@ -678,15 +752,29 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, k_norms, *, S: in
             if fp8_pv:
                 inv_l = inv_l * v_scale_ref[b, h]
             acc = acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])
-            # Q is no longer needed: its buffer stages O for the TMA store (a buffer of its own if Q is int8)
-            o_smem = int8_smem[0].at[wg] if int8_qk else q_smem
-            o_smem[...] = acc.astype(dtype)
-            if with_lse:  # m is in the kernel's log2 units; l sums exp2(logit - m). Stored from registers:
-                # a staging buffer would not fit beside the long-key configs' K/V ring.
-                lse_ref.at[b, h, pl.ds(q_base, block_q)][...] = m * LN_2 + jnp.log(l)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, pl.ds(q_base, block_q), h])
-            plgpu.wait_smem_to_gmem(0)
+
+            def store():
+                # Q is no longer needed: its buffer stages O for the TMA store (a buffer of its own if Q is int8)
+                o_smem = int8_smem[0].at[wg] if int8_qk else q_smem
+                o_smem[...] = acc.astype(dtype)
+                if with_lse:  # m is in the kernel's log2 units; l sums exp2(logit - m). Stored from registers:
+                    # a staging buffer would not fit beside the long-key configs' K/V ring.
+                    lse_ref.at[b, h, pl.ds(q_base, block_q)][...] = m * LN_2 + jnp.log(l)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, pl.ds(q_base, block_q), h])
+                plgpu.wait_smem_to_gmem(0)
+
+            def store_piece():  # fp32 O and its log-sum-exp over this piece's keys, from registers (a few units)
+                o_part_ref, lse_part_ref = part_refs
+                rows = pl.ds((2 * cta + wg) * block_q, block_q)
+                o_part_ref.at[piece, rows][...] = acc
+                lse_part_ref.at[piece, rows][...] = m * LN_2 + jnp.log(l)
+
+            if tail:
+                pl.when(in_tail)(store_piece)
+                pl.when(jnp.logical_not(in_tail))(store)
+            else:
+                store()
 
         @pl.when(wg == 2)
         def _memory():
@@ -702,19 +790,19 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, k_norms, *, S: in
                 plgpu.copy_gmem_to_smem(v_block(j), v_smem.at[slot], v_ready.at[slot], collective_axes=multicast)
 
             for i in range(stages):
-                if isinstance(n_kv, int):  # static: the first `stages` blocks always exist (stages <= n_kv)
-                    fetch(i, i)
+                if not with_kv_len:  # the first `stages` blocks always exist (stages <= n_kv; a tail piece's too)
+                    fetch(kv_lo + i, i)
                 else:
                     pl.when(i < n_kv)(functools.partial(fetch, i, i))
 
             @pl.loop(0, n_kv - stages)
             def _(j):
                 slot = lax.rem(j, stages)
-                rows = (b, pl.ds((j + stages) * block_kv, block_kv), h)
+                rows = (b, pl.ds((kv_lo + j + stages) * block_kv, block_kv), h)
                 plgpu.barrier_wait(k_free.at[slot])
                 plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_ready.at[slot], collective_axes=multicast)
                 plgpu.barrier_wait(v_free.at[slot])
-                plgpu.copy_gmem_to_smem(v_block(j + stages), v_smem.at[slot], v_ready.at[slot],
+                plgpu.copy_gmem_to_smem(v_block(kv_lo + j + stages), v_smem.at[slot], v_ready.at[slot],
                                         collective_axes=multicast)
 
             if clustered:  # the peer's consumers still arrive here (remotely) until its last blocks: wait them out
@@ -723,7 +811,7 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, k_norms, *, S: in
                         plgpu.barrier_wait(k_free.at[i])
                         plgpu.barrier_wait(v_free.at[i])
 
-                    if isinstance(n_kv, int):  # static: every slot was used
+                    if not with_kv_len:  # every slot was used
                         last_use()
                     else:
                         pl.when(i < n_kv)(last_use)
@@ -734,10 +822,11 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, k_norms, *, S: in
         scale_refs, rest = (rest[:2], rest[2:]) if int8_qk else (None, rest)
         v_scale_ref, rest = (rest[0], rest[1:]) if fp8_pv else (None, rest)
         k_norms_ref, rest = (rest[0], rest[1:]) if frozen_max else (None, rest)
-        o_ref, lse_ref = rest if with_lse else (rest[0], None)
+        o_ref, *rest = rest
+        lse_ref, part_refs = (rest[0], rest[1:]) if with_lse else (None, rest)
         pl.run_scoped(
             lambda *scoped: kernel(q_ref, k_ref, v_ref, kv_len_ref, bias_ref, scale_refs, v_scale_ref, k_norms_ref,
-                                   o_ref, lse_ref, scoped),
+                                   o_ref, lse_ref, part_refs, scoped),
             (_smem((2, block_q, H), q.dtype), _smem((stages, block_kv, H), k.dtype),
              _smem((stages, H, block_kv) if fp8_pv else (stages, block_kv, H), v.dtype),
              *([_smem((2, block_q, H), dtype), plgpu.SMEM((2, block_q), jnp.float32)] if int8_qk else []),
@@ -753,22 +842,47 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, k_norms, *, S: in
     args = (q, k, v) if kv_len is None else (q, k, v, kv_len.astype(jnp.int32))
     args += (key_bias,) if with_bias else ()
     args += (tuple(qk_scales) if int8_qk else ()) + ((v_scale,) if fp8_pv else ()) + ((k_norms,) if frozen_max else ())
-    grid_q = pl.cdiv(T, 2 * block_q * config.cluster)
-    out_type = jax.ShapeDtypeStruct(q.shape, dtype)
+    out_type = [jax.ShapeDtypeStruct(q.shape, dtype)]
     if with_lse:  # rows of whole CTAs (plain stores are not clipped at T like TMA's), tokens last
-        out_type = (out_type, jax.ShapeDtypeStruct((B, N, grid_q * 2 * block_q * config.cluster), jnp.float32))
-    return plgpu.kernel(
+        out_type.append(jax.ShapeDtypeStruct((B, N, grid_q * rows_per_unit), jnp.float32))
+    if tail:  # the tail pieces' O and log-sum-exp
+        out_type += [jax.ShapeDtypeStruct((m_tail * pieces, rows_per_unit, H), jnp.float32),
+                     jax.ShapeDtypeStruct((m_tail * pieces, rows_per_unit), jnp.float32)]
+    out = plgpu.kernel(
         entry,
-        out_type=out_type,
-        # Pallas MGPU launches the last grid axis as CUDA's x (fastest): q-blocks vary fastest, so the
-        # CTAs resident at once share one head's K/V in L2 (heads fastest cost 11% at 40 heads).
-        grid=(B, N, grid_q),
-        grid_names=("batch", "heads", "q"),
+        out_type=tuple(out_type) if len(out_type) > 1 else out_type[0],
+        # One grid axis, CUDA's x, in dispatch order: query clusters fastest, so the CTAs resident at once share one
+        # head's K/V in L2 (heads fastest cost 11% at 40 heads); the tail pieces last.
+        grid=(whole + m_tail * pieces,),
+        grid_names=("unit",),
         **(dict(cluster=(config.cluster,), cluster_names=("cluster",)) if clustered else {}),
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )(*args)
+    if not tail:
+        return out
+    *out, o_part, lse_part = out
+    return _merge_tail(*out, o_part=o_part, lse_part=lse_part, whole=whole, heads=N, grid_q=grid_q)
+
+
+def _merge_tail(o, *lse, o_part, lse_part, whole: int, heads: int, grid_q: int):
+    """Writes the tail units' pieces, merged by their log-sum-exp, into the kernel's O (and log-sum-exp).
+    o (B, T', N, H); lse (B, N, grid_q · rows) if the caller asked for it; o_part (m · pieces, rows, H) fp32,
+    lse_part (m · pieces, rows), pieces of one unit consecutive."""
+    rows = lse_part.shape[1]
+    m = o.shape[0] * heads * grid_q - whole
+    lse_p = lse_part.reshape(m, -1, rows)
+    lse_m = jax.nn.logsumexp(lse_p, axis=1)  # (m, rows)
+    weights = jnp.exp(lse_p - lse_m[:, None])
+    o_m = (weights[..., None] * o_part.reshape(m, -1, rows, o_part.shape[-1])).sum(axis=1)
+    unit = np.arange(whole, whole + m)
+    b, h = (unit // (heads * grid_q))[:, None], (unit // grid_q % heads)[:, None]
+    token = (unit % grid_q)[:, None] * rows + np.arange(rows)  # (m, rows); past T' (padding rows): dropped
+    o = o.at[b, token, h].set(o_m.astype(o.dtype), mode="drop", unique_indices=True)
+    if not lse:
+        return o
+    return o, lse[0].at[b, h, token].set(lse_m, unique_indices=True)
 
 
 def _run_scoped_acc(fn, shape):

@@ -63,6 +63,85 @@ def test_mgpu_kernel_with_log_sum_exp_lowers_for_cuda(config):
     assert "mosaic_gpu" in exported.mlir_module()
 
 
+@pytest.mark.parametrize("return_lse", [False, True], ids=["out", "out_and_lse"])
+def test_mgpu_kernel_with_a_split_tail_lowers_for_cuda(return_lse):
+    """The long-key config splits the last wave's clusters over key ranges (`tail_split`): with 6 cluster slots the
+    8 clusters of this shape (2 heads x 4 query clusters, ragged keys) run as 1 whole wave + 2 clusters in 3 key
+    ranges each; the kernel then also returns the pieces, merged after it (a scatter into O and the log-sum-exp)."""
+    B, T, S, N, H = 1, 1000, 4000, 2, 128
+    assert flash_mgpu.plan_tail(B * N * 4, 6, -(-S // 128), 128) == (2, 3)
+    q = jax.ShapeDtypeStruct((B, T, N, H), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((B, S, N, H), jnp.bfloat16)
+    fn = jax.jit(lambda q, k, v: flash_attention_mgpu(q, k, v, config=flash_mgpu.LONG_KV_CONFIG, cluster_slots=6,
+                                                      return_lse=return_lse))
+    exported = jax.export.export(fn, platforms=["cuda"])(q, kv, kv)
+    want = [((B, T, N, H), jnp.bfloat16)] + ([((B, T, N), jnp.float32)] if return_lse else [])
+    assert [(a.shape, a.dtype) for a in exported.out_avals] == want
+    module = exported.mlir_module()
+    assert "mosaic_gpu" in module and "stablehlo.scatter" in module
+
+
+def test_plan_tail_splits_the_last_wave():
+    """`plan_tail` in its lock-step model (a unit's time 1, a piece's 1 / pieces + a CTA's fixed cost)."""
+    plan = flash_mgpu.plan_tail
+    fixed = flash_mgpu.TAIL_PIECE_FIXED_KEYS / (256 * 128)
+
+    def modelled(units, m, pieces, slots=66):
+        return (units - m) // slots + -(-m * pieces // slots) * (1 / pieces + fixed)
+
+    # Wan-1.3B 480p at B=1 on a 132-SM Hopper card, clusters of 2: 12 heads x 128 query clusters = 23.27 waves of 66;
+    # the last 18 clusters as 7 key ranges each run in 2 rounds of a seventh after 23 whole waves
+    assert plan(12 * 128, 66, 256, 128) == (18, 7)
+    assert modelled(12 * 128, 18, 7) < modelled(12 * 128, 18, 3) < 24
+    # every (m, pieces) it may choose is no better than the plan
+    for units in (12 * 128, 2 * 12 * 128, 40 * 128):
+        m_best, p_best = plan(units, 66, 256, 128)
+        for m in (units % 66, units % 66 + 66):
+            assert all(modelled(units, m_best, p_best) <= modelled(units, m, p) + 1e-9 for p in range(2, 9))
+    assert plan(66 * 23, 66, 256, 128) is None  # whole waves: nothing to split
+    assert plan(12 * 128, 66, 15, 128) is None  # a piece would have fewer than 8 key blocks
+    assert plan(3, 66, 256, 128) == (3, 8)  # less than a wave: each unit over 8 key ranges
+
+
+def test_tail_pieces_merge_into_the_attention_over_all_keys():
+    """`_merge_tail` against float64: the tail units' pieces — O over a key range (normalized) and its log-sum-exp,
+    here from a reference, in the kernel's order (units with query clusters fastest, then heads, then batch rows;
+    piece i of the tail is unit whole + i // pieces over key blocks [r · n // pieces, (r + 1) · n // pieces),
+    r = i % pieces) — merge into the attention over all keys, and land at the units' rows (T ragged)."""
+    rng = np.random.default_rng(3)
+    B, T, S, N, H, rows, block_kv, pieces = 2, 600, 1000, 2, 16, 256, 128, 3
+    q, k, v = (rng.normal(size=(B, L, N, H)) for L in (T, S, S))
+    logits = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(H)
+
+    def attend(keys):  # (B, T, N, H) output and (B, N, T) log-sum-exp over these keys
+        x = logits[..., keys]
+        lse = np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1)) + x.max(-1)
+        return np.einsum("bnts,bsnh->btnh", np.exp(x - lse[..., None]), v[:, keys]), lse
+
+    o_all, lse_all = attend(slice(None))
+    grid_q, n_kv = -(-T // rows), -(-S // block_kv)
+    units, m = B * N * grid_q, 5
+    whole = units - m
+    o_part, lse_part = np.zeros((m * pieces, rows, H)), np.zeros((m * pieces, rows))
+    for i in range(m * pieces):
+        unit, r = whole + i // pieces, i % pieces
+        b, h, qi = unit // (N * grid_q), unit // grid_q % N, unit % grid_q
+        o_r, lse_r = attend(slice(r * n_kv // pieces * block_kv, (r + 1) * n_kv // pieces * block_kv))
+        tokens = np.arange(qi * rows, min((qi + 1) * rows, T))
+        o_part[i, : len(tokens)], lse_part[i, : len(tokens)] = o_r[b, tokens, h], lse_r[b, h, tokens]
+    o_kernel, lse_kernel = np.zeros_like(o_all), np.zeros((B, N, grid_q * rows))  # the tail's rows: not yet written
+    done = np.ones((B, N, grid_q), bool)
+    done.reshape(-1)[whole:] = False
+    for b, h, qi in zip(*np.nonzero(done), strict=True):
+        tokens = np.arange(qi * rows, min((qi + 1) * rows, T))
+        o_kernel[b, tokens, h], lse_kernel[b, h, tokens] = o_all[b, tokens, h], lse_all[b, h, tokens]
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    o, lse = flash_mgpu._merge_tail(f32(o_kernel), f32(lse_kernel), o_part=f32(o_part), lse_part=f32(lse_part),
+                                    whole=whole, heads=N, grid_q=grid_q)
+    np.testing.assert_allclose(np.asarray(o), o_all, atol=2e-6)
+    np.testing.assert_allclose(np.asarray(lse)[..., :T], lse_all, rtol=2e-6)
+
+
 def test_held_maxima_need_their_bound_and_the_ping_pong():
     """frozen_max is exact only where the kernel has the rows' logit bounds: the exact mode without a key_bias, and
     its one cross-warp reduction is safe only inside the ping-pong's mutually exclusive softmax phases (its schedule,
