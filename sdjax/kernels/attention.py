@@ -131,8 +131,8 @@ _RUN = {
     "xla": _xla_attention,
     "cudnn": _cudnn_attention,
     "pallas": lambda q, k, v, kv_len: our_kernel("pallas", q, kv_len)(q, k, v, kv_len),
-    "pallas_mgpu": lambda q, k, v, kv_len, key_bias=None: flash_mgpu.flash_attention_mgpu(q, k, v, kv_len,
-                                                                                         key_bias=key_bias),
+    "pallas_mgpu": lambda q, k, v, kv_len, key_bias=None, k_norms=None: flash_mgpu.flash_attention_mgpu(
+        q, k, v, kv_len, key_bias=key_bias, k_norms=k_norms),
     "pallas_mgpu_int8": lambda q, k, v, kv_len: flash_mgpu.flash_attention_mgpu(q, k, v, kv_len, int8_qk=True),
     "pallas_mgpu_int8_fp8": lambda q, k, v, kv_len: flash_mgpu.flash_attention_mgpu(q, k, v, kv_len, int8_qk=True,
                                                                                      fp8_pv=True),
@@ -207,8 +207,11 @@ def choose_backend(q, k, kv_len=None, key_bias=None) -> str:
 KEY_BIAS_BACKENDS = ("xla", "cudnn", "pallas_mgpu")
 
 
-def attention(q, k, v, *, kv_len=None, key_bias=None, backend: str = "auto"):
-    """softmax(q kᵀ / sqrt(H) [+ key_bias]) v over all (unmasked) keys; q (B,T,N,H), k/v (B,S,N,H) -> (B,T,N,H)."""
+def attention(q, k, v, *, kv_len=None, key_bias=None, k_norms=None, backend: str = "auto"):
+    """softmax(q kᵀ / sqrt(H) [+ key_bias]) v over all (unmasked) keys; q (B,T,N,H), k/v (B,S,N,H) -> (B,T,N,H).
+
+    `k_norms` (B, N): each head's largest key norm, where the caller has it for free (the q/k norm kernel's pass,
+    `rms_norm_rope`); our Hopper kernel's held maxima need it and otherwise take it in a pass over k."""
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"attention expects (B, T, N, H) inputs, got q{q.shape} k{k.shape} v{v.shape}")
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
@@ -228,6 +231,10 @@ def attention(q, k, v, *, kv_len=None, key_bias=None, backend: str = "auto"):
         backend = choose_backend(q, k, kv_len, key_bias)
     elif (reason := _unsupported(backend, q, kv_len, k, key_bias)) is not None:
         raise AttentionBackendError(f"attention backend {backend!r} {reason}")
-    if key_bias is None:
-        return _RUN[backend](q, k, v, kv_len)
-    return _RUN[backend](q, k, v, kv_len, key_bias)
+    if k_norms is not None and k_norms.shape != q.shape[:1] + q.shape[2:3]:
+        raise ValueError(f"attention: k_norms must have shape (B, N) = {q.shape[:1] + q.shape[2:3]}, "
+                         f"got {k_norms.shape}")
+    options = {} if key_bias is None else {"key_bias": key_bias}
+    if k_norms is not None and backend == "pallas_mgpu":  # (the only kernel that uses them)
+        options["k_norms"] = k_norms
+    return _RUN[backend](q, k, v, kv_len, **options)

@@ -221,7 +221,7 @@ def _smem(shape, dtype):
 
 def flash_attention_mgpu(q, k, v, kv_len=None, *, key_bias=None, config: MgpuConfig | None = None,
                          int8_qk: bool = False, fp8_pv: bool = False, return_lse: bool = False,
-                         cluster_slots: int | None = None):
+                         k_norms=None, cluster_slots: int | None = None):
     """softmax(q kᵀ / sqrt(H) [+ key_bias]) v on Hopper. q (B, T, N, H), k/v (B, S, N, H), kv_len (B,),
     key_bias (B, S) -> (B, T, N, H).
 
@@ -233,6 +233,7 @@ def flash_attention_mgpu(q, k, v, kv_len=None, *, key_bias=None, config: MgpuCon
     `int8_qk` (lossy): S = Q Kᵀ on the int8 tensor cores from per-block quantized q, k (`quantize_qk_int8`).
     `fp8_pv` (lossy, with `int8_qk`): O = P V on the fp8 tensor cores, P and V in e4m3 (`quantize_v_fp8`).
     `key_bias` (exact mode, S <= MAX_BIAS_KEYS): added to every query's logit of that key (folded text padding).
+    `k_norms` (B, N) (with `config.frozen_max`): `max_key_norms(k)` where the caller has it (taken from k if None).
     `cluster_slots` (with `config.tail_split`): clusters resident at once, for `plan_tail`; defaults to the default
     device's (`gpu_cluster_slots`).
     """
@@ -251,7 +252,7 @@ def flash_attention_mgpu(q, k, v, kv_len=None, *, key_bias=None, config: MgpuCon
     if config.chained and int8_qk:
         raise ValueError(f"flash_attention_mgpu: chained only in exact mode; got {config}")
     out_dtype = v.dtype
-    k_norms = max_key_norms(k) if config.frozen_max else None
+    k_norms = (max_key_norms(k) if k_norms is None else k_norms.astype(jnp.float32)) if config.frozen_max else None
     if int8_qk:
         q, k, *qk_scales = quantize_qk_int8(q, k, config.block_q, config.block_kv, config.cluster)
         if fp8_pv:

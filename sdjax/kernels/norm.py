@@ -59,9 +59,12 @@ def unsupported_reason(backend: str, y, heads: int) -> str | None:
     raise ValueError(f"rms_norm_rope backend {backend!r} unknown; allowed: {', '.join(BACKENDS)}")
 
 
-def rms_norm_rope(y, bias, weight, rope=None, *, heads: int = 1, eps: float, backend: str = "auto"):
+def rms_norm_rope(y, bias, weight, rope=None, *, heads: int = 1, eps: float, backend: str = "auto",
+                  return_max_head_norms: bool = False):
     """y (..., D) [+ bias (D,)] RMS-normalized with weight (D,) and, given rope = (cos, sin) (L, K/2) for
-    y (B, L, D), rotated per head; -> (..., D) in y's dtype."""
+    y (B, L, D), rotated per head; -> (..., D) in y's dtype. `return_max_head_norms` (y (B, L, D)): also each
+    head's largest norm over the tokens of the result, (B, heads) fp32 — keys' bound for the attention kernel's
+    held maxima, taken inside our kernel's pass."""
     if weight.shape != y.shape[-1:] or (bias is not None and bias.shape != weight.shape):
         raise ValueError(f"rms_norm_rope: y{y.shape}, bias {None if bias is None else bias.shape} and "
                          f"weight{weight.shape} disagree")
@@ -70,7 +73,12 @@ def rms_norm_rope(y, bias, weight, rope=None, *, heads: int = 1, eps: float, bac
     elif (reason := unsupported_reason(backend, y, heads)) is not None:
         raise ValueError(f"rms_norm_rope backend {backend!r} {reason}")
     if backend == "xla":
-        return _xla(y, bias, weight, rope, heads, eps)
+        out = _xla(y, bias, weight, rope, heads, eps)
+        if not return_max_head_norms:
+            return out
+        heads_last = out.reshape(*out.shape[:2], heads, -1).astype(jnp.float32)
+        return out, jnp.sqrt(jnp.max(jnp.sum(jnp.square(heads_last), axis=-1), axis=1))
     bias = jnp.zeros_like(weight) if bias is None else bias
     cos, sin = (None, None) if rope is None else rope
-    return rms_rope_mgpu.rms_norm_rope_mgpu(y, bias, weight, cos, sin, heads=heads, eps=eps)
+    return rms_rope_mgpu.rms_norm_rope_mgpu(y, bias, weight, cos, sin, heads=heads, eps=eps,
+                                            return_max_head_norms=return_max_head_norms)

@@ -97,12 +97,14 @@ def unsupported_reason(y, heads: int, cos=None, sin=None, config: RmsRopeConfig 
 
 
 def rms_norm_rope_mgpu(y, bias, weight, cos=None, sin=None, *, heads: int, eps: float,
-                       config: RmsRopeConfig | None = None) -> jax.Array:
+                       config: RmsRopeConfig | None = None, return_max_head_norms: bool = False):
     """RMSNorm over the whole model dim of y + bias, times weight, then (with cos/sin) RoPE on each head.
 
     y (B, L, D) bf16 (a projection's output without its bias), bias (D,), weight (D,), cos/sin (L, K/2) or both
     None, with D = heads · K and each head's RoPE pairs in halves (i, K/2 + i). Math in fp32; returns (B, L, D)
-    bf16, rounded once."""
+    bf16, rounded once. `return_max_head_norms`: also (B, heads) fp32, each head's largest norm over the tokens
+    of the rounded result (the attention kernel's held-maxima bound for keys) — each token's from the same pass,
+    so nothing reads the result again for it."""
     config = config or RmsRopeConfig()
     if (reason := unsupported_reason(y, heads, cos, sin, config)) is not None:
         raise ValueError(f"rms_norm_rope_mgpu {reason}")
@@ -111,10 +113,14 @@ def rms_norm_rope_mgpu(y, bias, weight, cos=None, sin=None, *, heads: int, eps: 
         raise ValueError(f"rms_norm_rope_mgpu needs bias and weight of shape {(D,)}, got {bias.shape}, {weight.shape}")
     vectors = [v.astype(jnp.float32).reshape(heads, D // heads) for v in (bias, weight)]  # one TMA box each
     angles = [] if cos is None else [cos.astype(jnp.float32), sin.astype(jnp.float32)]
-    return _rms_rope(y, *vectors, *angles, heads=heads, eps=eps, config=config)
+    out = _rms_rope(y, *vectors, *angles, heads=heads, eps=eps, config=config, head_norms=return_max_head_norms)
+    if not return_max_head_norms:
+        return out
+    out, squared_norms = out  # (B, heads, tokens of whole row blocks)
+    return out, jnp.sqrt(squared_norms[..., : y.shape[1]].max(axis=-1))
 
 
-def _rms_rope(y, bias, weight, *angles, heads: int, eps: float, config: RmsRopeConfig):
+def _rms_rope(y, bias, weight, *angles, heads: int, eps: float, config: RmsRopeConfig, head_norms: bool = False):
     B, L, D = y.shape
     K = D // heads
     W = K // 2  # columns of a chunk: one RoPE half of a head
@@ -128,7 +134,7 @@ def _rms_rope(y, bias, weight, *angles, heads: int, eps: float, config: RmsRopeC
     chunk_transforms = (plgpu.TilingTransform((8, tile)), plgpu.SwizzleTransform(2 * tile))
 
     def kernel(y_ref, b_ref, w_ref, *refs):
-        *angle_refs, o_ref = refs
+        *angle_refs, o_ref, norms_ref = refs if head_norms else (*refs, None)
         b, rows = lax.axis_index("batch"), pl.ds(lax.axis_index("rows") * ROWS, ROWS)
 
         def scoped(chunks, vectors, angle_smem, sums, ready, vectors_ready, angles_ready, sums_ready):
@@ -204,8 +210,12 @@ def _rms_rope(y, bias, weight, *angles, heads: int, eps: float, config: RmsRopeC
                             ready.at[slot(2 * p + half)]))
                 z1, z2 = (x_of(p, half) * by_column(1, p, half) for half in (0, 1))
                 out = (z1 * cos - z2 * sin, z1 * sin + z2 * cos) if rope else (z1 * scale, z2 * scale)
+                out = [o.astype(o_ref.dtype) for o in out]
                 for half, o in enumerate(out):
-                    chunks.at[slot(2 * p + half)][...] = o.astype(o_ref.dtype)  # each thread overwrites what it read
+                    chunks.at[slot(2 * p + half)][...] = o  # each thread overwrites what it read
+                if head_norms:  # each row's squared norm in this head, from registers (4 bytes a row and head)
+                    o1, o2 = (o.astype(jnp.float32) for o in out)
+                    norms_ref.at[b, wg * P + p, rows][...] = (o1 * o1 + o2 * o2).sum(axis=1)
                 plgpu.commit_smem()
                 for half in (0, 1):
                     plgpu.copy_smem_to_gmem(chunks.at[slot(2 * p + half)], o_ref.at[b, rows, cols(2 * p, half)],
@@ -234,9 +244,12 @@ def _rms_rope(y, bias, weight, *angles, heads: int, eps: float, config: RmsRopeC
             collective_axes="wg",
         )
 
+    out_type = jax.ShapeDtypeStruct((B, L, D), y.dtype)
+    if head_norms:  # whole row blocks (plain stores are not clipped at L like TMA's)
+        out_type = (out_type, jax.ShapeDtypeStruct((B, heads, pl.cdiv(L, ROWS) * ROWS), jnp.float32))
     return plgpu.kernel(
         kernel,
-        out_type=jax.ShapeDtypeStruct((B, L, D), y.dtype),
+        out_type=out_type,
         # Pallas launches the last grid axis fastest: CTAs of the same tokens run together, sharing cos/sin in L2.
         grid=(pl.cdiv(L, ROWS), B),
         grid_names=("rows", "batch"),

@@ -164,6 +164,8 @@ def test_bad_shapes_and_kv_len_raise():
         attention(q, q, q, kv_len=jnp.asarray([1.0]))
     with pytest.raises(ValueError, match="dtypes differ"):
         attention(q, q.astype(jnp.float16), q)
+    with pytest.raises(ValueError, match=r"k_norms must have shape \(B, N\) = \(1, 2\)"):
+        attention(q, q, q, k_norms=jnp.ones((1, 8)))
 
 
 # ------------------------------------------------------------------------------------------ auto table

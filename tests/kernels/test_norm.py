@@ -22,6 +22,16 @@ def test_xla_backend_matches_float64(rope, backend):
     np.testing.assert_array_less(np.abs(np.asarray(out, np.float64) - ref), 2.0**-8 * np.abs(ref) + 1e-5)
 
 
+def test_xla_backend_returns_the_heads_max_norms():
+    """`return_max_head_norms` on XLA: each head's largest norm over the tokens of the result (B, heads)."""
+    heads, K = 3, 64
+    y, bias, weight, cos, sin = inputs(2, 40, heads, K)
+    out, norms = rms_norm_rope(y, bias, weight, (cos, sin), heads=heads, eps=EPS, backend="xla",
+                               return_max_head_norms=True)
+    want = np.linalg.norm(np.asarray(out, np.float64).reshape(2, 40, heads, K), axis=-1).max(axis=1)
+    np.testing.assert_allclose(np.asarray(norms), want, rtol=1e-6)
+
+
 def test_without_bias_is_a_zero_bias():
     y, bias, weight, cos, sin = inputs(1, 16, 2, 64)
     no_bias = rms_norm_rope(y, None, weight, (cos, sin), heads=2, eps=EPS)

@@ -66,6 +66,27 @@ def test_kernel_matches_float64_in_the_gpu_interpreter(B, L, heads, K, rope, con
     assert np.linalg.norm(out - ref) / np.linalg.norm(ref) <= 4e-3
 
 
+@pytest.mark.parametrize("B, L, heads, K, config", [
+    (2, 200, 4, 128, RmsRopeConfig()),  # the last row block ragged: its padding rows must not count
+    (1, 72, 6, 128, RmsRopeConfig(warpgroups=1, stages=5)),  # phase 2 over refilled slots
+], ids=["ragged", "ring_refills"])
+def test_max_head_norms_of_the_result(B, L, heads, K, config):
+    """`return_max_head_norms`: each head's largest norm over the tokens of the rounded result — what the attention
+    kernel's held maxima would otherwise take in a pass over k (`flash_mgpu.max_key_norms`) — from the same pass,
+    and the result itself unchanged."""
+    from sdjax.kernels.flash_mgpu import max_key_norms
+
+    y, bias, weight, cos, sin = inputs(B, L, heads, K)
+    with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams(detect_races=True)):
+        out, norms = rms_norm_rope_mgpu(y, bias, weight, cos, sin, heads=heads, eps=EPS, config=config,
+                                        return_max_head_norms=True)
+        plain = rms_norm_rope_mgpu(y, bias, weight, cos, sin, heads=heads, eps=EPS, config=config)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(plain, np.float32))
+    assert norms.shape == (B, heads) and norms.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(norms), np.asarray(max_key_norms(out.reshape(B, L, heads, K))),
+                               rtol=1e-6)
+
+
 def test_bias_and_angles_of_any_float_dtype():
     """bf16 bias / weight / angles are used as their fp32 values (the wrapper upcasts them)."""
     y, bias, weight, cos, sin = inputs(1, 64, 2, 128)
