@@ -131,12 +131,14 @@ def test_bf16_vae_decode_is_close_to_fp32(pipe, held_out):
     assert psnr(frames_bf16, pipe.decode(latents)) >= 45.0
 
 
-@pytest.mark.parametrize(("backend", "min_db"), [("pallas_mgpu_int8", 38.0), ("pallas_mgpu_int8_fp8", 35.0)])
+@pytest.mark.parametrize(("backend", "min_db"), [("pallas_mgpu_int8", 38.0), ("pallas_mgpu_int8_fp8", 30.0)])
 def test_lossy_attention_recipes_keep_the_demo_videos(pipe, backend, min_db):
     """The lossy backends' recipes (int8's is its exact reference: the Hopper kernel matches it on the GPU; the fp8
     P V one emulates P's rounding) in every self-attention of the trained demo model: frames within `min_db` of
     exact attention (measured over 8 prompts: int8 42.6–52.4 dB, + fp8 P V 38.7–49.2 dB,
-    benchmarks/results/attention_lossy_quality_sdjax-demo_cpu.md), and not identical to them."""
+    benchmarks/results/attention_lossy_quality_sdjax-demo_cpu.md), and not identical to them. One prompt's PSNR
+    moves with rounding: 1-ulp changes of the attention output biases gave fp8 P V 33.1–41.7 dB, int8 39.3–45.6
+    (16 draws), so the gates sit below that spread."""
     from benchmarks.attention_quality import lossy_self_attention
 
     kw = dict(seed=0, num_inference_steps=10, progress=False, cache={"policy": "none", "threshold": 0.0})

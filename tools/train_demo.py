@@ -60,7 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sdjax.models.umt5 import UMT5Config, UMT5Encoder, checkpoint_keys  # noqa: E402
-from sdjax.models.wan.loading import from_our_layout, param_entries  # noqa: E402
+from sdjax.models.wan.loading import checkpoint_tensors  # noqa: E402
 from sdjax.models.wan.transformer import WanTransformer3DModel, WanTransformerConfig  # noqa: E402
 from sdjax.models.wan.vae import AutoencoderKLWan, History, WanVAEConfig  # noqa: E402
 from sdjax.sampling import solvers  # noqa: E402
@@ -432,11 +432,7 @@ def _f16(x) -> np.ndarray:
 
 
 def export_transformer(dit: WanTransformer3DModel, out: Path) -> None:
-    tensors = {}
-    for path, key, var, stacked in param_entries(dit):
-        value = np.asarray(var[...])
-        for i, v in enumerate(value if stacked else [value]):
-            tensors[key.format(i=i)] = _f16(from_our_layout(v, path, dit.config))
+    tensors = {key: _f16(v) for key, v in checkpoint_tensors(dit).items()}
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "diffusion_pytorch_model.safetensors"))
     cfg = {"_class_name": "WanTransformer3DModel", "_diffusers_version": "0.33.0.dev0", **TRANSFORMER,

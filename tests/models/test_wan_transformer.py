@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,7 @@ from sdjax.models.wan.transformer import (
     FoldedText,
     WanTransformerConfig,
     fold_text_padding,
+    rope_angles,
     rope_pair_permutation,
     text_lengths,
 )
@@ -96,7 +98,8 @@ def test_real_size_parameter_counts(name, count):
     cfg = WanTransformerConfig.from_dict(ModelConfig.named(name).transformer)
     model = abstract_transformer(cfg, "bfloat16")  # abstract: no memory
     n = sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    assert n == count
+    folded_v_biases = 2 * cfg.num_layers * cfg.dim  # the checkpoint's, folded into to_out's at load
+    assert n + folded_v_biases == count
 
 
 # ---------------------------------------------------------------------------------------- bad input
@@ -118,9 +121,10 @@ def _rewrite(d, edit):
     save_file(tensors, f)
 
 
-def test_missing_tensor_is_named(tiny_copy):
-    _rewrite(tiny_copy, lambda t: t.pop("blocks.1.attn1.to_q.weight"))
-    with pytest.raises(WeightsError, match=r"missing .*blocks\.1\.attn1\.to_q\.weight"):
+@pytest.mark.parametrize("key", ["blocks.1.attn1.to_q.weight", "blocks.2.attn2.to_v.bias"])
+def test_missing_tensor_is_named(tiny_copy, key):
+    _rewrite(tiny_copy, lambda t: t.pop(key))
+    with pytest.raises(WeightsError, match=f"missing .*{re.escape(key)}"):
         load_transformer(tiny_copy)
 
 
@@ -130,9 +134,11 @@ def test_unexpected_tensor_is_named(tiny_copy):
         load_transformer(tiny_copy)
 
 
-def test_misshaped_tensor_is_named(tiny_copy):
-    _rewrite(tiny_copy, lambda t: t.update({"proj_out.bias": np.zeros(5, np.float32)}))
-    with pytest.raises(WeightsError, match=r"proj_out\.bias.*shape"):
+@pytest.mark.parametrize("key, shape", [("proj_out.bias", (5,)), ("blocks.0.attn1.to_v.bias", (5,)),
+                                        ("blocks.3.attn2.to_out.0.weight", (16, 15))])
+def test_misshaped_tensor_is_named(tiny_copy, key, shape):
+    _rewrite(tiny_copy, lambda t: t.update({key: np.zeros(shape, np.float32)}))
+    with pytest.raises(WeightsError, match=f"{re.escape(key)}.*shape"):
         load_transformer(tiny_copy)
 
 
@@ -199,15 +205,20 @@ def test_convert_to_orbax_and_restore(tmp_path):
     assert main([str(DIT / "heads3_b2"), str(tmp_path / "ckpt")]) == 2  # refuses to overwrite
 
 
-def test_orbax_checkpoint_of_another_param_layout_is_refused(tmp_path):
+# Layouts of older converted directories: none recorded (before q/k columns were reordered), then q/k reordered
+# but v's bias not yet folded.
+@pytest.mark.parametrize("old_layout", [None, "rope-halves"])
+def test_orbax_checkpoint_of_another_param_layout_is_refused(tmp_path, old_layout):
     from sdjax.convert import main
 
     assert main([str(DIT / "heads3_b2"), str(tmp_path / "ckpt"), "--dtype", "float32"]) == 0
     config = tmp_path / "ckpt" / "config.json"
     raw = json.loads(config.read_text())
-    raw.pop("_sdjax_param_layout")  # as written before q/k columns were reordered
+    raw.pop("_sdjax_param_layout")
+    if old_layout is not None:
+        raw["_sdjax_param_layout"] = old_layout
     config.write_text(json.dumps(raw))
-    with pytest.raises(WeightsError, match="parameter layout None.*convert the safetensors again"):
+    with pytest.raises(WeightsError, match=f"parameter layout {old_layout!r}.*convert the safetensors again"):
         load_transformer(tmp_path / "ckpt", dtype="float32")
 
 
@@ -228,21 +239,77 @@ def test_rope_on_halves_equals_rope_on_interleaved_pairs():
 
 
 def test_param_layout_round_trips_to_the_checkpoint():
+    """Export (`checkpoint_tensors`) gives back every checkpoint tensor, except that v's bias, folded into to_out's
+    at load, comes back as zeros beside to_out's bias b_o + W_o b_v; and the layout does change the q/k columns."""
     from safetensors.numpy import load_file
 
-    from sdjax.models.wan.loading import from_our_layout, param_entries
+    from sdjax.models.wan.loading import checkpoint_tensors, param_entries
 
     src = DIT / "heads3_b2"
     tensors = load_file(src / "diffusion_pytorch_model.safetensors")
     model = load_transformer(src, dtype="float32")
-    permuted = 0
-    for path, key, var, stacked in param_entries(model):
+    exported = checkpoint_tensors(model)
+    assert set(exported) == set(tensors)
+    for key, want in tensors.items():
+        if key.endswith("to_v.bias"):
+            np.testing.assert_array_equal(exported[key], np.zeros_like(want), err_msg=key)
+        elif key.endswith("to_out.0.bias"):
+            v_bias, w_out = tensors[key.replace("to_out.0", "to_v")], tensors[key.replace("bias", "weight")]
+            folded = want.astype(np.float64) + w_out.astype(np.float64) @ v_bias.astype(np.float64)
+            np.testing.assert_allclose(exported[key], folded, rtol=1e-6, atol=1e-7, err_msg=key)
+        else:
+            np.testing.assert_array_equal(exported[key], want, err_msg=key)
+    differs = set()  # parameters (vectors, matrices) that are not the checkpoint's tensor (transposed)
+    for _, key, var, stacked in param_entries(model):
         value = np.asarray(var[...])
         for i, v in enumerate(value if stacked else [value]):
-            want = tensors[key.format(i=i)]
-            np.testing.assert_array_equal(from_our_layout(v, path, model.config), want, err_msg=key)
-            permuted += int(v.shape == want.shape[::-1] and not np.array_equal(v, want.T))
-    assert permuted == 6 * model.config.num_layers  # attn1 to_q/to_k kernel and bias, norm_q/norm_k weight
+            if v.ndim <= 2 and not np.array_equal(v, tensors[key.format(i=i)].T):
+                differs.add(key.format(i=i))
+    rope_halves = ["attn1.to_q.weight", "attn1.to_q.bias", "attn1.norm_q.weight", "attn1.to_k.weight",
+                   "attn1.to_k.bias", "attn1.norm_k.weight"]
+    folded = ["attn1.to_out.0.bias", "attn2.to_out.0.bias"]
+    assert differs == {f"blocks.{i}.{name}" for i in range(model.config.num_layers) for name in rope_halves + folded}
+
+
+def _attention_with_v_bias(v_bias, backend, q, k, v):
+    """The attention kernel on v + v_bias (N, K): the unfolded form."""
+    from sdjax.kernels.attention import attention
+
+    return attention(q, k, v + v_bias, backend=backend)
+
+
+def test_v_bias_folded_into_the_output_bias_is_the_same_attention(tiny_copy):
+    """Loading folds each attention's v bias into its output bias (`fold_v_bias`): the model has no v bias, and
+    each attention (self and cross, every layer) gives attn(q, k, v + b_v) W_o + b_o with the checkpoint's b_v and
+    b_o — computed by the same module with b_v added to v — to fp32 rounding."""
+    from safetensors.numpy import load_file
+
+    rng = np.random.default_rng(3)  # v biases of unit scale (the fixture's are 0.1), so the fold carries weight
+    _rewrite(tiny_copy, lambda t: t.update({k: rng.standard_normal(v.shape).astype(np.float32)
+                                            for k, v in t.items() if k.endswith("to_v.bias")}))
+    tensors = load_file(tiny_copy / "diffusion_pytorch_model.safetensors")
+    model = load_transformer(tiny_copy, dtype="float32")
+    paths = {".".join(map(str, path)) for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    assert "blocks.attn1.to_v.kernel" in paths and not any("to_v.bias" in p for p in paths)
+
+    cfg = model.config
+    kx, kc = jax.random.split(jax.random.key(0))
+    x, context = jax.random.normal(kx, (2, 24, cfg.dim)), jax.random.normal(kc, (2, 7, cfg.dim))
+    cos, sin = rope_angles((2, 3, 4), cfg.attention_head_dim, cfg.rope_theta)  # 24 tokens
+    self_inputs, cross_inputs = dict(rope=(jnp.asarray(cos), jnp.asarray(sin))), dict(context=context)
+    graphdef, state = nnx.split(model.blocks)
+    for i in range(cfg.num_layers):
+        block = nnx.merge(graphdef, jax.tree.map(lambda w, i=i: w[i], state))
+        for name, inputs in (("attn1", self_inputs), ("attn2", cross_inputs)):
+            attn = getattr(block, name)
+            assert attn.to_v.bias is None
+            v_bias = tensors[f"blocks.{i}.{name}.to_v.bias"].reshape(attn.heads, -1)  # (N, K): per head
+            out_bias = tensors[f"blocks.{i}.{name}.to_out.0.bias"]
+            y, y_bias = attn(x, **inputs)
+            unfolded = partial(_attention_with_v_bias, v_bias, attn.backend)
+            want = np.asarray(attn(x, attend=unfolded, **inputs)[0]) + out_bias
+            assert rel_l2(np.asarray(y + y_bias), want) <= 1e-6, (i, name)
+            assert rel_l2(np.asarray(y) + out_bias, want) > 1e-2  # without the fold: another function
 
 
 def test_sharded_safetensors_with_index(tmp_path):

@@ -15,9 +15,10 @@ from flax import nnx
 
 from sdjax.models.weights import WeightsError
 
-# Our parameter layout differs from the checkpoint's (q/k columns in RoPE-halves order, `loading.to_our_layout`);
-# a converted directory records the layout it holds, and one written under another layout must be converted again.
-PARAM_LAYOUT = "rope-halves"
+# Our parameter layout differs from the checkpoint's (q/k columns in RoPE-halves order, `loading.to_our_layout`;
+# v's bias folded into the output bias, `loading.fold_v_bias`); a converted directory records the layout it holds,
+# and one written under another layout must be converted again.
+PARAM_LAYOUT = "rope-halves+v-bias-folded"
 
 
 def save_transformer(model, dst: str | Path) -> Path:

@@ -2,7 +2,9 @@
 
 Construction and loading are separate: the model is built abstractly (`nnx.eval_shape`, no memory), every
 parameter is mapped to exactly one checkpoint tensor (strict: missing, unexpected or mis-shaped tensors are
-errors naming the key), and each tensor is read from the memory-mapped file only when it is placed.
+errors naming the key), and each tensor is read from the memory-mapped file only when it is placed. Two
+reparametrizations happen on the way (the same function): the self-attention's q/k columns go into RoPE-halves
+order (`rope_pair_permutation`), and each attention's v bias is folded into its output bias (`fold_v_bias`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from sdjax.models.wan.transformer import WanTransformer3DModel, WanTransformerConfig, rope_pair_permutation
-from sdjax.models.weights import SafetensorsDir, WeightsError, check_keys, read_config
+from sdjax.models.weights import SafetensorsDir, WeightsError, check_keys, fetch, read_config
 
 # Our module names differ from diffusers' in two places (torch ModuleList/Sequential indices).
 _OURS_TO_DIFFUSERS = (("to_out.", "to_out.0."), ("ffn.fc1.", "ffn.net.0.proj."), ("ffn.fc2.", "ffn.net.2."))
@@ -72,7 +74,8 @@ def _is_original_layout(tensors) -> bool:
 def param_entries(abstract_model):
     """(our path, diffusers key or per-layer key template `blocks.{i}.…`, variable, stacked?) per parameter.
 
-    The one map between our parameters and checkpoint names (loading here, export in tools/train_demo.py)."""
+    The one map between our parameters and checkpoint names (loading here, export in `checkpoint_tensors`); the
+    checkpoint's v biases are no parameter of ours (`fold_v_bias`)."""
     state = nnx.state(abstract_model, nnx.Param)
     entries = []
     for path, var in nnx.to_flat_state(state):
@@ -122,6 +125,43 @@ def from_our_layout(arr: np.ndarray, path: tuple, cfg: WanTransformerConfig) -> 
     return arr
 
 
+# An attention's output bias (diffusers name ending): loading folds the same attention's v bias into it.
+_OUT_BIAS = "to_out.0.bias"
+
+
+def _v_bias_key(out_bias_key: str) -> str:
+    return out_bias_key.removesuffix(_OUT_BIAS) + "to_v.bias"
+
+
+def fold_v_bias(out_bias: np.ndarray, out_weight: np.ndarray, v_bias: np.ndarray) -> np.ndarray:
+    """b_o + W_o b_v in float64, from checkpoint tensors (W_o is torch's (out, in)): the output bias that makes v's
+    bias unnecessary. Exact as a function: softmax rows sum to 1, so attn(q, k, v + b_v) W_o + b_o =
+    attn(q, k, v) W_o + (b_o + W_o b_v) (`Attention.__call__` has no v bias)."""
+    # einsum casts W_o to float64 block by block: no float64 copy of the whole matrix
+    return out_bias.astype(np.float64) + np.einsum("oi,i->o", out_weight, v_bias.astype(np.float64))
+
+
+def _folded_out_bias(tensors, names: dict, key: str, dim: int, where: str) -> np.ndarray:
+    """The output bias `key` with its attention's v bias folded in (`fold_v_bias`), the three shapes checked."""
+    read = lambda k, shape: fetch(tensors, names[k], shape, where)
+    return fold_v_bias(read(key, (dim,)), read(key.removesuffix("bias") + "weight", (dim, dim)),
+                       read(_v_bias_key(key), (dim,)))
+
+
+def checkpoint_tensors(model: WanTransformer3DModel) -> dict[str, np.ndarray]:
+    """The model's parameters as diffusers checkpoint tensors (names and layout; export). The inverse of loading,
+    except that the v biases folded into the output biases come back as zeros: the same function."""
+    tensors = {}
+    for path, key, var, stacked in param_entries(model):
+        value = np.asarray(var[...])
+        for i, v in enumerate(value if stacked else [value]):
+            k = key.format(i=i)
+            tensors[k] = from_our_layout(v, path, model.config)
+            if k.endswith(_OUT_BIAS):
+                tensors[_v_bias_key(k)] = np.zeros_like(tensors[k])
+    return tensors
+
+
 def load_weights_into(model: WanTransformer3DModel, directory: str | Path, shardings=None) -> None:
     """Fill every parameter of `model` (possibly abstract) from safetensors in `directory`, strictly."""
     tensors = SafetensorsDir(directory)
@@ -132,6 +172,7 @@ def load_weights_into(model: WanTransformer3DModel, directory: str | Path, shard
     expected = set()
     for _, key, _, stacked in entries:
         expected.update(key.format(i=i) for i in range(n_layers)) if stacked else expected.add(key)
+    expected.update([_v_bias_key(k) for k in expected if k.endswith(_OUT_BIAS)])  # read by `fold_v_bias`
     check_keys(set(names), expected, str(directory))
 
     flat = {}
@@ -140,7 +181,11 @@ def load_weights_into(model: WanTransformer3DModel, directory: str | Path, shard
         want = tuple(var.shape[1:]) if stacked else tuple(var.shape)
         parts = []
         for k in keys:
-            arr = to_our_layout(tensors[names[k]], path, model.config)
+            if k.endswith(_OUT_BIAS):
+                arr = _folded_out_bias(tensors, names, k, want[0], str(directory))
+            else:
+                arr = tensors[names[k]]
+            arr = to_our_layout(arr, path, model.config)
             if tuple(arr.shape) != want:
                 raise WeightsError(f"{directory}: tensor {names[k]!r} has shape {tuple(arr.shape)} "
                                    f"(in our layout), model expects {want}")

@@ -106,9 +106,10 @@ FP32_PARAMS = ("condition_embedder.time_embedder", "condition_embedder.time_proj
                "norm2", "norm_q", "norm_k", "proj_out")
 
 
-def _linear(d_in, d_out, dtype, rngs, *, fp32=False):
+def _linear(d_in, d_out, dtype, rngs, *, fp32=False, use_bias=True):
     dt = jnp.float32 if fp32 else dtype
-    return nnx.Linear(d_in, d_out, dtype=dt, param_dtype=dt, precision=matmul_precision(dt), rngs=rngs)
+    return nnx.Linear(d_in, d_out, use_bias=use_bias, dtype=dt, param_dtype=dt, precision=matmul_precision(dt),
+                      rngs=rngs)
 
 
 def _residual_add(x, y, gate=None):
@@ -290,7 +291,7 @@ class Attention(nnx.Module):
         self.backend = attention_backend
         self.to_q = _linear(d, d, dtype, rngs)
         self.to_k = _linear(d, d, dtype, rngs)
-        self.to_v = _linear(d, d, dtype, rngs)
+        self.to_v = _linear(d, d, dtype, rngs, use_bias=False)  # its bias is folded into to_out's (below)
         self.to_out = _linear(d, d, dtype, rngs)
         self.norm_q = RMSNorm(d, cfg.eps, fused_backend)
         self.norm_k = RMSNorm(d, cfg.eps, fused_backend)
@@ -304,14 +305,14 @@ class Attention(nnx.Module):
         # The biases join inside the norms' pass; RoPE (self-attention) too.
         q = self.norm_q(_matmul(x, self.to_q), self.to_q.bias[...], rope, self.heads)
         k = self.norm_k(_matmul(src, self.to_k), self.to_k.bias[...], rope, self.heads)
-        # v's bias moves past the attention: softmax rows sum to 1, so attn(q, k, v + b_v) = attn(q, k, v) + b_v,
-        # and to_out turns + b_v into + b_v W_o, one vector. Saves a pass over v (measured: benchmarks/NOTES.md).
+        # v has no bias: loading folds the checkpoint's b_v into to_out's bias (`loading.fold_v_bias`). Exact:
+        # softmax rows sum to 1, so attn(q, k, v + b_v) = attn(q, k, v) + b_v, and to_out turns + b_v into + b_v W_o,
+        # one vector. Saves a pass over v and a GEMV each forward (measured: benchmarks/NOTES.md).
         v = _matmul(src, self.to_v)
-        out_bias = self.to_out.bias[...] + _matmul(self.to_v.bias[...], self.to_out)
         heads = lambda t: t.reshape(*t.shape[:2], self.heads, -1)  # (B, T, D) -> (B, T, N, K)
         q, k, v = heads(q), heads(k), heads(v)
         out = attention(q, k, v, key_bias=key_bias, backend=self.backend) if attend is None else attend(q, k, v)
-        return _matmul(out.reshape(*out.shape[:2], -1), self.to_out), out_bias
+        return _matmul(out.reshape(*out.shape[:2], -1), self.to_out), self.to_out.bias[...]
 
 
 class FeedForward(nnx.Module):
