@@ -312,6 +312,36 @@ def test_v_bias_folded_into_the_output_bias_is_the_same_attention(tiny_copy):
             assert rel_l2(np.asarray(y) + out_bias, want) > 1e-2  # without the fold: another function
 
 
+def test_self_attention_hands_the_keys_norms_to_the_kernel(monkeypatch):
+    """The self-attention on one device takes each head's largest key norm from k's norm pass and gives it to the
+    attention (`k_norms`: our Hopper kernel's held-maxima bound, instead of its own pass over k); the cross-attention
+    and injected `attend` kernels (sequence parallelism) get none."""
+    from sdjax.kernels import flash_mgpu
+    from sdjax.models.wan import transformer
+
+    seen, attention = [], transformer.attention
+
+    def spy(q, k, v, *, k_norms=None, **kw):
+        seen.append((k, k_norms))
+        return attention(q, k, v, **kw)
+
+    monkeypatch.setattr(transformer, "attention", spy)
+    model = load_transformer(DIT / "heads3_b2", dtype="float32")
+    cfg = model.config
+    graphdef, state = nnx.split(model.blocks)
+    block = nnx.merge(graphdef, jax.tree.map(lambda w: w[0], state))
+    kx, kc = jax.random.split(jax.random.key(0))
+    x, context = jax.random.normal(kx, (2, 24, cfg.dim)), jax.random.normal(kc, (2, 7, cfg.dim))
+    cos, sin = rope_angles((2, 3, 4), cfg.attention_head_dim, cfg.rope_theta)
+    block.attn1(x, rope=(jnp.asarray(cos), jnp.asarray(sin)))
+    block.attn2(x, context=context)
+    (k_self, norms), (_, cross_norms) = seen
+    np.testing.assert_allclose(np.asarray(norms), np.asarray(flash_mgpu.max_key_norms(k_self)), rtol=1e-6)
+    assert cross_norms is None
+    block.attn1(x, rope=(jnp.asarray(cos), jnp.asarray(sin)), attend=lambda q, k, v: q)
+    assert len(seen) == 2  # the injected kernel ran instead
+
+
 def test_sharded_safetensors_with_index(tmp_path):
     """A checkpoint split into shards with a `*.safetensors.index.json`, as large models are saved."""
     from safetensors.numpy import load_file, save_file

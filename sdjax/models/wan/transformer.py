@@ -144,11 +144,13 @@ class RMSNorm(nnx.Module):
         self.backend = backend
         self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
 
-    def __call__(self, y, bias=None, rope=None, heads: int = 1):
+    def __call__(self, y, bias=None, rope=None, heads: int = 1, return_max_head_norms: bool = False):
         """RMSNorm of y + bias (a projection's output and its bias, added in fp32); with `rope` = (cos, sin) also
         RoPE on its `heads` heads. The per-token RMS scale commutes with the rotation, so x⊙w is rotated, then
-        scaled, and rounded to y's dtype once, in one pass (`sdjax.kernels.norm`; measured: benchmarks/NOTES.md)."""
-        return rms_norm_rope(y, bias, self.weight[...], rope, heads=heads, eps=self.eps, backend=self.backend)
+        scaled, and rounded to y's dtype once, in one pass (`sdjax.kernels.norm`; measured: benchmarks/NOTES.md).
+        `return_max_head_norms`: also each head's largest norm over the tokens, (B, heads), from the same pass."""
+        return rms_norm_rope(y, bias, self.weight[...], rope, heads=heads, eps=self.eps, backend=self.backend,
+                             return_max_head_norms=return_max_head_norms)
 
 
 def rope_angles(grid: tuple[int, int, int], head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
@@ -304,14 +306,22 @@ class Attention(nnx.Module):
         src = x if context is None else context
         # The biases join inside the norms' pass; RoPE (self-attention) too.
         q = self.norm_q(_matmul(x, self.to_q), self.to_q.bias[...], rope, self.heads)
-        k = self.norm_k(_matmul(src, self.to_k), self.to_k.bias[...], rope, self.heads)
+        # The keys' largest norms per head come out of k's norm pass when the kernel needs them (held maxima in the
+        # long self-attention on one device) instead of a pass of their own over k (~1 ms a Wan-1.3B 480p forward).
+        k_norms = context is None and attend is None
+        k = self.norm_k(_matmul(src, self.to_k), self.to_k.bias[...], rope, self.heads,
+                        return_max_head_norms=k_norms)
+        k, k_norms = k if k_norms else (k, None)
         # v has no bias: loading folds the checkpoint's b_v into to_out's bias (`loading.fold_v_bias`). Exact:
         # softmax rows sum to 1, so attn(q, k, v + b_v) = attn(q, k, v) + b_v, and to_out turns + b_v into + b_v W_o,
         # one vector. Saves a pass over v and a GEMV each forward (measured: benchmarks/NOTES.md).
         v = _matmul(src, self.to_v)
         heads = lambda t: t.reshape(*t.shape[:2], self.heads, -1)  # (B, T, D) -> (B, T, N, K)
         q, k, v = heads(q), heads(k), heads(v)
-        out = attention(q, k, v, key_bias=key_bias, backend=self.backend) if attend is None else attend(q, k, v)
+        if attend is None:
+            out = attention(q, k, v, key_bias=key_bias, k_norms=k_norms, backend=self.backend)
+        else:
+            out = attend(q, k, v)
         return _matmul(out.reshape(*out.shape[:2], -1), self.to_out), self.to_out.bias[...]
 
 
