@@ -22,6 +22,9 @@ A slot is refilled only when the consumers of both CTAs have released it (a clus
 Held maxima (`frozen_max`, exact; chained schedule): after the first key block a warpgroup may fix its rows' maxima, so
 the later blocks' softmax is exp2, row sum and P's conversion alone (no maximum, no rescale of O and l) — where the
 rows' Cauchy–Schwarz bounds |q_i| · max_j |k_j| prove every exponential stays in range (`FROZEN_MAX_MARGIN`).
+The last wave (`tail_split`, chained): every cluster does the same work and they run in near lock-step waves, so the
+clusters left over after the last whole wave of cluster slots run instead as a few clusters each over consecutive
+key ranges, dispatched last; their O (fp32) and log-sum-exp are merged after the kernel (`plan_tail`, `_merge_tail`).
 `default_config(S)` picks the variant measured fastest on an H200 for the key length: 128-key blocks with the chained
 ping-pong in clusters of 2 and held maxima for long self-attention (~700 TFLOP/s at Wan-1.3B 480p vs cuDNN's 558
 through JAX), 128-key blocks with the overlap schedule for short (text) keys.
@@ -128,6 +131,8 @@ class MgpuConfig:
 #   held maxima then make 128-key blocks the faster ones (the per-block maximum and rescale that favoured 192 are
 #   gone): 9.45-9.67 vs 9.84-10.08 ms at Wan-1.3B 480p, 49.3 vs 50.4 at 720p, 31.4-31.8 vs 33.0 at Wan-14B 480p, the
 #   chained ping-pong 0.3-0.7% of that; forward B=1 424.8 -> 409.3 ms, 14B 2,418 -> 2,348 (NOTES, session 19);
+#   and the last wave's clusters split over key ranges (`tail_split`): 9.38-9.42 vs 9.52-9.54 ms at Wan-1.3B 480p, the
+#   CFG batch -0.4 to -1.3%, 14B -0.3 to -0.9%, 720p unchanged (NOTES, session 20);
 # - 512 text keys: 192-key blocks pad the third block (387 TFLOP/s), so 128-key blocks with the overlap
 #   schedule and no ping-pong (462; the ping-pong 128 variant: 444).
 LONG_KV_CONFIG = MgpuConfig(block_kv=128, cluster=2, frozen_max=True, chained=True, tail_split=True)
