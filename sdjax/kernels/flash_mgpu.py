@@ -276,13 +276,10 @@ def flash_attention_mgpu(q, k, v, kv_len=None, *, key_bias=None, config: MgpuCon
     v_scale = None
     if fp8_pv:
         v, v_scale = quantize_v_fp8(v)
-    tail = None
-    if config.tail_split and kv_len is None:  # (a traced kv_len could leave a piece without keys)
-        slots = cluster_slots or gpu_cluster_slots(config.cluster)
-        units = q.shape[0] * q.shape[2] * pl.cdiv(T, 2 * config.block_q * config.cluster)
-        tail = plan_tail(units, slots, n_kv_max, block_kv) if slots else None
+    if config.tail_split:
+        cluster_slots = cluster_slots or gpu_cluster_slots(config.cluster)
     out = _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, k_norms, S=S, stages=stages, config=config,
-                      out_dtype=out_dtype, with_lse=return_lse, tail=tail)
+                      out_dtype=out_dtype, with_lse=return_lse, cluster_slots=cluster_slots)
     if return_lse:
         out, lse = out
         return out[:, :T], lse[:, :, :T].transpose(0, 2, 1)
@@ -456,15 +453,16 @@ def _pad_tokens(x, length: int):
 
 
 def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, k_norms, *, S: int, stages: int, config: MgpuConfig,
-                out_dtype, with_lse: bool = False, tail: tuple[int, int] | None = None):
+                out_dtype, with_lse: bool = False, cluster_slots: int | None = None):
     """The kernel proper; keys at or past S (or kv_len) are masked whatever k's padded length.
     `with_lse`: returns (O, lse (B, N, T) fp32, natural log) instead of O.
     `key_bias` (B, S') fp32 in log2 units (S' = k's padded length), added to each key's logits, or None.
     `qk_scales` = (q_scale, k_scale) per block when q, k are int8 (`quantize_qk_int8`), else None;
     `v_scale` = V's per-head scale when v is fp8 (`quantize_v_fp8`), else None;
     `k_norms` = the heads' largest key norms with `config.frozen_max` (`max_key_norms`), else None.
-    `tail` = (m, pieces) from `plan_tail` (chained, no kv_len): the last m query clusters run as `pieces` clusters
-    each over consecutive ranges of the keys, merged afterwards (`_merge_tail`)."""
+    `cluster_slots` (with `config.tail_split`, no kv_len): clusters resident at once — the last m query clusters then
+    run as `pieces` clusters each over consecutive ranges of the keys (`plan_tail`), merged afterwards (`_merge_tail`).
+    """
     B, T, N, H = q.shape
     fp8_pv = v_scale is not None  # v is then (B, N, H, S') float8 (`quantize_v_fp8`)
     dtype = out_dtype  # of O, and of P and V unless they are fp8; q/k may be int8 (Q Kᵀ on int8 tensor cores)
@@ -486,11 +484,12 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, k_norms, *, S: in
     rows_per_unit = 2 * block_q * config.cluster  # a cluster's query rows
     grid_q = pl.cdiv(T, rows_per_unit)
     units = B * N * grid_q  # (batch, head, query cluster), query clusters fastest
+    tail = None  # (a traced kv_len could leave a piece without keys)
+    if config.tail_split and cluster_slots and not with_kv_len:
+        tail = plan_tail(units, cluster_slots, n_kv_max, block_kv)
     m_tail, pieces = tail or (0, 1)
     whole = units - m_tail  # units over all keys; then m_tail units as `pieces` clusters each
-    if tail and (with_kv_len or not config.chained or n_kv_max // pieces < stages):
-        raise ValueError(f"flash_attention_mgpu: tail {tail} needs the chained schedule, no kv_len and pieces of "
-                         f">= {stages} key blocks (of {n_kv_max})")
+    assert n_kv_max // pieces >= stages, (tail, stages)  # a piece fills the K/V ring (TAIL_MIN_PIECE_BLOCKS)
 
     def kv_bounds(kv_len_ref, b):
         """(kv_end, number of key blocks, number of unmasked key blocks) for batch row b."""
@@ -868,14 +867,15 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, k_norms, *, S: in
     )(*args)
     if not tail:
         return out
-    *out, o_part, lse_part = out
-    return _merge_tail(*out, o_part=o_part, lse_part=lse_part, whole=whole, heads=N, grid_q=grid_q)
+    o, *lse, o_part, lse_part = out
+    out = _merge_tail(o, lse[0] if with_lse else None, o_part, lse_part, whole=whole, heads=N, grid_q=grid_q)
+    return out if with_lse else out[0]
 
 
-def _merge_tail(o, *lse, o_part, lse_part, whole: int, heads: int, grid_q: int):
-    """Writes the tail units' pieces, merged by their log-sum-exp, into the kernel's O (and log-sum-exp).
-    o (B, T', N, H); lse (B, N, grid_q · rows) if the caller asked for it; o_part (m · pieces, rows, H) fp32,
-    lse_part (m · pieces, rows), pieces of one unit consecutive."""
+def _merge_tail(o, lse, o_part, lse_part, *, whole: int, heads: int, grid_q: int):
+    """Writes the tail units' pieces, merged by their log-sum-exp, into the kernel's O and log-sum-exp: -> (O, lse).
+    o (B, T', N, H); lse (B, N, grid_q · rows) or None; o_part (m · pieces, rows, H) fp32, lse_part (m · pieces,
+    rows), pieces of one unit consecutive."""
     rows = lse_part.shape[1]
     m = o.shape[0] * heads * grid_q - whole
     lse_p = lse_part.reshape(m, -1, rows)
@@ -886,9 +886,7 @@ def _merge_tail(o, *lse, o_part, lse_part, whole: int, heads: int, grid_q: int):
     b, h = (unit // (heads * grid_q))[:, None], (unit // grid_q % heads)[:, None]
     token = (unit % grid_q)[:, None] * rows + np.arange(rows)  # (m, rows); past T' (padding rows): dropped
     o = o.at[b, token, h].set(o_m.astype(o.dtype), mode="drop", unique_indices=True)
-    if not lse:
-        return o
-    return o, lse[0].at[b, h, token].set(lse_m, unique_indices=True)
+    return o, None if lse is None else lse.at[b, h, token].set(lse_m, unique_indices=True)
 
 
 def _run_scoped_acc(fn, shape):

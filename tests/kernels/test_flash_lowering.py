@@ -136,8 +136,8 @@ def test_tail_pieces_merge_into_the_attention_over_all_keys():
         tokens = np.arange(qi * rows, min((qi + 1) * rows, T))
         o_kernel[b, tokens, h], lse_kernel[b, h, tokens] = o_all[b, tokens, h], lse_all[b, h, tokens]
     f32 = lambda x: jnp.asarray(x, jnp.float32)
-    o, lse = flash_mgpu._merge_tail(f32(o_kernel), f32(lse_kernel), o_part=f32(o_part), lse_part=f32(lse_part),
-                                    whole=whole, heads=N, grid_q=grid_q)
+    o, lse = flash_mgpu._merge_tail(f32(o_kernel), f32(lse_kernel), f32(o_part), f32(lse_part), whole=whole,
+                                    heads=N, grid_q=grid_q)
     np.testing.assert_allclose(np.asarray(o), o_all, atol=2e-6)
     np.testing.assert_allclose(np.asarray(lse)[..., :T], lse_all, rtol=2e-6)
 
