@@ -24,7 +24,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from sdjax.kernels import rms_rope_mgpu
+from sdjax.kernels import flash_mgpu, rms_rope_mgpu
 from sdjax.kernels.platform import not_hopper_reason
 
 BACKENDS = ("auto", "xla", "pallas_mgpu")
@@ -76,8 +76,7 @@ def rms_norm_rope(y, bias, weight, rope=None, *, heads: int = 1, eps: float, bac
         out = _xla(y, bias, weight, rope, heads, eps)
         if not return_max_head_norms:
             return out
-        heads_last = out.reshape(*out.shape[:2], heads, -1).astype(jnp.float32)
-        return out, jnp.sqrt(jnp.max(jnp.sum(jnp.square(heads_last), axis=-1), axis=1))
+        return out, flash_mgpu.max_key_norms(out.reshape(*out.shape[:2], heads, -1))
     bias = jnp.zeros_like(weight) if bias is None else bias
     cos, sin = (None, None) if rope is None else rope
     return rms_rope_mgpu.rms_norm_rope_mgpu(y, bias, weight, cos, sin, heads=heads, eps=eps,
