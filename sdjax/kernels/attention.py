@@ -205,6 +205,7 @@ def choose_backend(q, k, kv_len=None, key_bias=None) -> str:
 
 
 KEY_BIAS_BACKENDS = ("xla", "cudnn", "pallas_mgpu")
+K_NORMS_BACKENDS = ("auto", "pallas_mgpu")  # backends asked for by name that may use `k_norms` (held maxima)
 
 
 def attention(q, k, v, *, kv_len=None, key_bias=None, k_norms=None, backend: str = "auto"):
@@ -235,6 +236,6 @@ def attention(q, k, v, *, kv_len=None, key_bias=None, k_norms=None, backend: str
         raise ValueError(f"attention: k_norms must have shape (B, N) = {q.shape[:1] + q.shape[2:3]}, "
                          f"got {k_norms.shape}")
     options = {} if key_bias is None else {"key_bias": key_bias}
-    if k_norms is not None and backend == "pallas_mgpu":  # (the only kernel that uses them)
+    if k_norms is not None and backend == "pallas_mgpu":  # (the only kernel that uses them: K_NORMS_BACKENDS)
         options["k_norms"] = k_norms
     return _RUN[backend](q, k, v, kv_len, **options)

@@ -315,7 +315,8 @@ def test_v_bias_folded_into_the_output_bias_is_the_same_attention(tiny_copy):
 def test_self_attention_hands_the_keys_norms_to_the_kernel(monkeypatch):
     """The self-attention on one device takes each head's largest key norm from k's norm pass and gives it to the
     attention (`k_norms`: our Hopper kernel's held-maxima bound, instead of its own pass over k); the cross-attention
-    and injected `attend` kernels (sequence parallelism) get none."""
+    and injected `attend` kernels (sequence parallelism) get none, nor do backends named that take none (the lossy ones,
+    xla, cudnn)."""
     from sdjax.kernels import flash_mgpu
     from sdjax.models.wan import transformer
 
@@ -340,6 +341,9 @@ def test_self_attention_hands_the_keys_norms_to_the_kernel(monkeypatch):
     assert cross_norms is None
     block.attn1(x, rope=(jnp.asarray(cos), jnp.asarray(sin)), attend=lambda q, k, v: q)
     assert len(seen) == 2  # the injected kernel ran instead
+    block.attn1.backend = "xla"  # a backend asked for by name that takes no k_norms: none are taken
+    block.attn1(x, rope=(jnp.asarray(cos), jnp.asarray(sin)))
+    assert seen[2][1] is None
 
 
 def test_sharded_safetensors_with_index(tmp_path):

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sdjax.kernels.attention import LOSSY_BACKENDS, attention
+from sdjax.kernels.attention import K_NORMS_BACKENDS, LOSSY_BACKENDS, attention
 from sdjax.kernels.norm import rms_norm_rope
 from sdjax.kernels.residual_norm import modulated_norm, residual_norm
 from sdjax.numerics import matmul_precision
@@ -308,7 +308,7 @@ class Attention(nnx.Module):
         q = self.norm_q(_matmul(x, self.to_q), self.to_q.bias[...], rope, self.heads)
         # The keys' largest norms per head come out of k's norm pass when the kernel needs them (held maxima in the
         # long self-attention on one device) instead of a pass of their own over k (~1 ms a Wan-1.3B 480p forward).
-        k_norms = context is None and attend is None
+        k_norms = context is None and attend is None and self.backend in K_NORMS_BACKENDS
         k = self.norm_k(_matmul(src, self.to_k), self.to_k.bias[...], rope, self.heads,
                         return_max_head_norms=k_norms)
         k, k_norms = k if k_norms else (k, None)
