@@ -13,6 +13,7 @@ memory.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gc
 import os
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import (
+    GpuSampler,
     parse_xla_options,
     peak_gib,
     random_like,
@@ -88,7 +90,8 @@ def bench_sdjax(cfg, shape, B, backend, cfg_batch=False, fused_backend="auto", c
     t0 = time.perf_counter()
     compiled = fwd.lower(model, x, t, ctx).compile(compiler_options=compiler_options)
     compile_s = time.perf_counter() - t0
-    times = timed(compiled, model, x, t, ctx, warmup=2, iters=5)
+    with GpuSampler(period_ms=100) as gpu:  # the timed calls' clock and power (the cards run power-capped)
+        times = timed(compiled, model, x, t, ctx, warmup=2, iters=5)
     out = compiled(model, x, t, ctx)
     finite = bool(jnp.isfinite(out).all())
     peak = peak_gib()
@@ -99,7 +102,7 @@ def bench_sdjax(cfg, shape, B, backend, cfg_batch=False, fused_backend="auto", c
     stream_epilogues = len(re.findall(r'"beta":1[,}]', hlo))  # GEMMs adding the stream (the FFN's fc2)
     del model, out
     gc.collect()
-    return float(np.median(times)), compile_s, peak, finite, gelu_epilogues, stream_epilogues
+    return float(np.median(times)), compile_s, peak, finite, gelu_epilogues, stream_epilogues, gpu.summary()
 
 
 def bench_diffusers(cfg, shape, B, compiled=False):
@@ -125,12 +128,22 @@ def bench_diffusers(cfg, shape, B, compiled=False):
             fn(x, t, ctx, return_dict=False)
             torch.cuda.synchronize()
             compile_s = time.perf_counter() - t0
-            seconds, peak = torch_timing(functools.partial(fn, x, t, ctx, return_dict=False), warmup=2, iters=5)
     else:
-        seconds, peak = torch_timing(functools.partial(model, x, t, ctx, return_dict=False), warmup=2, iters=5)
-    del model
+        fn = model
+    backends = sdpa_kernel(SDPBackend.CUDNN_ATTENTION) if compiled else contextlib.nullcontext()
+    with backends, GpuSampler(period_ms=100) as gpu:  # torch_timing runs without autograd
+        seconds, peak = torch_timing(functools.partial(fn, x, t, ctx, return_dict=False), warmup=2, iters=5)
+    del model, fn
     torch.cuda.empty_cache()
-    return seconds, peak, compile_s
+    return seconds, peak, compile_s, gpu.summary()
+
+
+def gpu_columns(side: str, summary: dict) -> dict:
+    """The timed calls' mean SM clock and board power (nvidia-smi; none on CPU): at the 700 W cap a card's clock,
+    and so the same code's time, differs between instances by a few percent (benchmarks/NOTES.md)."""
+    if not summary:
+        return {}
+    return {f"{side}_MHz": summary["sm_clock_MHz"], f"{side}_W": summary["power_W"]}
 
 
 def main():
@@ -177,13 +190,13 @@ def main():
         theirs = {}
         if not args.no_diffusers and not cfg_batch:  # (diffusers has no CFG-batch form: its b2 is the baseline)
             try:
-                d_s, d_peak, d_compile_s = bench_diffusers(cfg, shape, B, args.diffusers_compiled)
-                theirs = dict(diffusers_ms=d_s * 1e3, diffusers_peak_GiB=d_peak)
+                d_s, d_peak, d_compile_s, d_gpu = bench_diffusers(cfg, shape, B, args.diffusers_compiled)
+                theirs = dict(diffusers_ms=d_s * 1e3, diffusers_peak_GiB=d_peak, **gpu_columns("diffusers", d_gpu))
                 if d_compile_s is not None:
                     theirs["diffusers_compile_s"] = d_compile_s
             except Exception as e:  # a missing wheel or OOM is reported, not fatal for the sdjax numbers
                 theirs = dict(diffusers_error=f"{type(e).__name__}: {str(e)[:80]}")
-        ms, compile_s, peak, finite, gelu_epilogues, stream_epilogues = bench_sdjax(
+        ms, compile_s, peak, finite, gelu_epilogues, stream_epilogues, gpu = bench_sdjax(
             cfg, shape, B, args.backend, cfg_batch, args.fused_backend, options, args.text_len, args.fold_text,
             args.residual_dtype)
         text_tokens = TEXT_FOLD_ROWS if args.fold_text else args.text_len
@@ -191,7 +204,8 @@ def main():
                "sdjax_ms": ms * 1e3, "compile_s": compile_s,
                "peak_GiB": peak,
                "MFU": flops(cfg, L, B, cfg_batch, text_tokens) / ms / 1e12 / PEAK_TFLOPS, "finite": finite,
-               "gelu_epilogues": gelu_epilogues, "stream_epilogues": stream_epilogues, **theirs}
+               "gelu_epilogues": gelu_epilogues, "stream_epilogues": stream_epilogues, **gpu_columns("sdjax", gpu),
+               **theirs}
         if "diffusers_ms" in theirs:
             row["speedup"] = theirs["diffusers_ms"] / (ms * 1e3)
         rows.append(row)

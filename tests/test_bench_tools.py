@@ -24,6 +24,14 @@ def test_sampler_without_nvidia_smi_reports_nothing(monkeypatch):
     assert gpu.proc is None and gpu.summary() == {}
 
 
+def test_dit_step_gpu_columns_name_the_side():
+    from benchmarks.dit_step import gpu_columns
+
+    cols = gpu_columns("sdjax", clock_power_summary("1600, 660\n1620, 670"))
+    assert cols == {"sdjax_MHz": pytest.approx(1610), "sdjax_W": pytest.approx(665)}
+    assert gpu_columns("diffusers", {}) == {}  # no nvidia-smi: no columns, not zeros
+
+
 def test_idle_gaps_count_only_gaps_inside_a_call():
     # two traced calls of three kernels (name, µs, start µs); the 975 µs between them is the host's, not a gap
     call = [("a", 10.0, 0.0), ("b", 5.0, 12.0), ("c", 5.0, 20.0)]
@@ -61,3 +69,16 @@ def test_attention_bench_kernel_variant_syntax():
     assert _mgpu_config("mgpu:64,128,2,0,1,2,1,1") == MgpuConfig(cluster=2, frozen_max=True, chained=True)
     assert _mgpu_config("mgpu:64,128,2,0,1,2,1,1,1") == LONG_KV_CONFIG
     assert _mgpu_config("mgpu:64,128,3,1,0") == MgpuConfig(block_kv=128, stages=3, overlap=True, pingpong=False)
+
+
+def test_kernel_power_measures_a_loop_without_nvidia_smi(monkeypatch):
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.kernel_power import measure
+
+    monkeypatch.setenv("PATH", "")  # CPU machine: times only, no clock/power columns
+    a = jnp.ones((64, 64), jnp.float32)
+    row = measure(jax.jit(lambda a: a @ a), (a,), flop=2 * 64**3, nbytes=0, seconds=0.05)
+    assert row["ms"] > 0 and row["TFLOP/s"] == pytest.approx(2 * 64**3 / row["ms"] / 1e9)
+    assert "W" not in row and "pJ_per_FLOP" not in row
