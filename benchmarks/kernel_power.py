@@ -1,6 +1,7 @@
 """Clock, power and energy per FLOP of the Wan-1.3B 480p B=1 forward's big kernels, each looped back to back.
 
     python benchmarks/kernel_power.py [--seconds 3] [--only attention,fc1_gelu,...,forward] [--tag T]
+    python benchmarks/kernel_power.py --only attention --attention-variants 'mgpu:64,128,2,0,1,4,1,1,1;...'
 
 Why: under sustained load the cards run at their 700 W cap (nvidia-smi's throttle reason: software power cap),
 so a kernel's speed there is its energy per FLOP as much as its schedule. Each kernel runs alone at the forward's
@@ -10,7 +11,8 @@ clock over the whole loop: dispatch is asynchronous, so the device stays busy fo
 mean clock and power, joules a call and picojoules a FLOP, and the tensor cores' share of their peak at the
 measured clock (4,096 bf16 FLOP a clock an SM). `copy` is a memory-bound reference (TB/s instead of FLOPs);
 `forward` the whole B=1 forward the same way (its steady state under the cap, where dit_step.py times 5 calls
-from a cool card).
+from a cool card). `--attention-variants` adds rows for variants of our exact kernel (benchmarks/attention.py's
+syntax): short timings rank them at a cool card's clock, these at the cap.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from benchmarks.attention import _make_fn
 from benchmarks.common import GpuSampler, write_results
 from sdjax.kernels.attention import attention
 from sdjax.numerics import GEMM_COMPILER_OPTIONS
@@ -106,6 +109,8 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--only", help="comma-separated workload names (default: all)")
+    p.add_argument("--attention-variants", default="", help="semicolon-separated benchmarks/attention.py kernel "
+                   "variants (mgpu:bq,bkv,stages,...), each measured like `attention`")
     p.add_argument("--tag", default="")
     args = p.parse_args()
     names = args.only.split(",") if args.only else [*KERNELS, "forward"]
@@ -115,6 +120,11 @@ def main():
     rows = []
     for name in names:
         row = {"kernel": name, **measure(*(forward() if name == "forward" else work[name]), args.seconds)}
+        rows.append(row)
+        print(row, flush=True)
+    for spec in filter(None, args.attention_variants.split(";")):
+        fn, qkv, flop, _ = work["attention"]
+        row = {"kernel": f"attention {spec}", **measure(_make_fn(spec, kv_len_given=False), qkv, flop, 0, args.seconds)}
         rows.append(row)
         print(row, flush=True)
     write_results("kernel_power" + (f"_{args.tag}" if args.tag else ""), rows,
