@@ -74,8 +74,9 @@ def folded_prompts(ctx, lengths):
     return fold_text_padding(ctx, lengths, TEXT_FOLD_ROWS)
 
 
-def bench_sdjax(cfg, shape, B, backend, cfg_batch=False, fused_backend="auto", compiler_options=None,
-                text_len=TEXT_LEN, fold_text=None, residual_dtype=None):
+def random_forward_inputs(cfg, shape, B, backend="auto", cfg_batch=False, fused_backend="auto", text_len=TEXT_LEN,
+                          fold_text=None, residual_dtype=None):
+    """(model with random bf16 weights, latents (B, 16, *shape), timesteps, text context) of a benchmark forward."""
     model = random_like(abstract_transformer(cfg, "bfloat16", backend, fused_backend=fused_backend,
                                              residual_dtype=residual_dtype))
     key = jax.random.key(1)
@@ -86,6 +87,13 @@ def bench_sdjax(cfg, shape, B, backend, cfg_batch=False, fused_backend="auto", c
     ctx = jax.random.normal(key, (B, text_len, cfg.text_dim), jnp.float32)
     if fold_text is not None:  # a prompt of fold_text tokens (and the empty negative prompt), padding folded
         ctx = folded_prompts(ctx, [fold_text, 1][:B] if cfg_batch else [fold_text] * B)
+    return model, x, t, ctx
+
+
+def bench_sdjax(cfg, shape, B, backend, cfg_batch=False, fused_backend="auto", compiler_options=None,
+                text_len=TEXT_LEN, fold_text=None, residual_dtype=None):
+    model, x, t, ctx = random_forward_inputs(cfg, shape, B, backend, cfg_batch, fused_backend, text_len, fold_text,
+                                             residual_dtype)
     fwd = jax.jit(lambda m, x, t, c: m(x, t, c, cfg_batch=cfg_batch))
     t0 = time.perf_counter()
     compiled = fwd.lower(model, x, t, ctx).compile(compiler_options=compiler_options)

@@ -58,21 +58,14 @@ def kernels():
 
 
 def forward():
-    """The whole Wan-1.3B 480p B=1 forward (as benchmarks/dit_step.py builds it: random weights, 512 text tokens)."""
-    from benchmarks.common import random_like
-    from benchmarks.dit_step import TEXT_LEN, flops
+    """The whole Wan-1.3B 480p B=1 forward, as benchmarks/dit_step.py times it (random weights, 512 text tokens)."""
+    from benchmarks.dit_step import flops, random_forward_inputs
     from sdjax.config import ModelConfig
-    from sdjax.models.wan.loading import abstract_transformer
     from sdjax.models.wan.transformer import WanTransformerConfig
 
     cfg = WanTransformerConfig.from_dict(ModelConfig.named("wan2.1-t2v-1.3b").transformer)
-    model = random_like(abstract_transformer(cfg, "bfloat16", "auto"))
-    key = jax.random.key(1)
-    x = jax.random.normal(key, (1, 16, 21, 60, 104), jnp.float32)
-    t = jnp.full((1,), 500.0)
-    ctx = jax.random.normal(key, (1, TEXT_LEN, cfg.text_dim), jnp.float32)
     fn = jax.jit(lambda m, x, t, c: m(x, t, c), compiler_options=GEMM_COMPILER_OPTIONS)
-    return fn, (model, x, t, ctx), flops(cfg, TOKENS, 1), 0
+    return fn, random_forward_inputs(cfg, (21, 60, 104), 1), flops(cfg, TOKENS, 1), 0
 
 
 def loop(fn, args, calls):
@@ -123,7 +116,7 @@ def main():
         rows.append(row)
         print(row, flush=True)
     for spec in filter(None, args.attention_variants.split(";")):
-        fn, qkv, flop, _ = work["attention"]
+        _, qkv, flop, _ = work["attention"]
         row = {"kernel": f"attention {spec}", **measure(_make_fn(spec, kv_len_given=False), qkv, flop, 0, args.seconds)}
         rows.append(row)
         print(row, flush=True)

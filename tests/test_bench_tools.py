@@ -82,3 +82,22 @@ def test_kernel_power_measures_a_loop_without_nvidia_smi(monkeypatch):
     row = measure(jax.jit(lambda a: a @ a), (a,), flop=2 * 64**3, nbytes=0, seconds=0.05)
     assert row["ms"] > 0 and row["TFLOP/s"] == pytest.approx(2 * 64**3 / row["ms"] / 1e9)
     assert "W" not in row and "pJ_per_FLOP" not in row
+
+
+def test_benchmark_forward_inputs_run_the_model():
+    """dit_step.py's and kernel_power.py's forward: random weights, latents, timesteps and text of the case's shape
+    (here the embedded demo model's config, small), a CFG batch repeating one latent, folded text."""
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.dit_step import random_forward_inputs
+    from sdjax.config import ModelConfig
+    from sdjax.models.wan.transformer import WanTransformerConfig
+
+    cfg = WanTransformerConfig.from_dict(ModelConfig.named("sdjax-demo").transformer)
+    model, x, t, ctx = random_forward_inputs(cfg, (2, 4, 4), 2, cfg_batch=True, text_len=8)
+    assert x.shape == (2, 16, 2, 4, 4) and bool((x[0] == x[1]).all()) and t.shape == (2,)
+    assert ctx.shape == (2, 8, cfg.text_dim)
+    out = jax.jit(lambda m, x, t, c: m(x, t, c, cfg_batch=True))(model, x, t, ctx)
+    assert out.shape == x.shape and bool(jnp.isfinite(out).all())
+    assert not bool((out == 0).all())  # random weights, not zeros
