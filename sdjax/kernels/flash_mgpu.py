@@ -9,9 +9,9 @@ in base 2 (the 1/sqrt(H) scale folded into log2(e), one FMA per logit), and O +=
 registers). Three schedules:
   - `overlap=False`: the compute warpgroups "ping-pong" on a shared barrier, so one's softmax runs while
     the other's matmuls occupy the tensor cores (jax's attention_mgpu example does this);
-  - `chained=True`, a variant of the ping-pong: a warpgroup's O += P_j V_j and S_{j+1} = Q K_{j+1}ᵀ are issued
-    back to back and awaited together (the plain ping-pong waits for P V before it issues Q Kᵀ, so the tensor
-    cores drain between a warpgroup's two matmuls);
+  - `chained=True`, two-phase with or without the ping-pong: a warpgroup's O += P_j V_j and S_{j+1} = Q K_{j+1}ᵀ
+    are issued back to back and awaited together (the plain schedule waits for P V before it issues Q Kᵀ, so the
+    tensor cores drain between a warpgroup's two matmuls);
   - `overlap=True` (ping-pong optional): inside a warpgroup, S_{j+1} = Q K_{j+1}ᵀ and O += P_j V_j
     are issued together and the softmax of block j+1 runs while P_j V_j is still on the tensor cores
     (FlashAttention-3's intra-warpgroup overlap).
@@ -21,13 +21,15 @@ the L2 -> SMEM traffic halves (~5 TB/s at Wan-1.3B 480p without it: every 128 qu
 A slot is refilled only when the consumers of both CTAs have released it (a cluster barrier).
 Held maxima (`frozen_max`, exact; chained schedule): after the first key block a warpgroup may fix its rows' maxima, so
 the later blocks' softmax is exp2, row sum and P's conversion alone (no maximum, no rescale of O and l) — where the
-rows' Cauchy–Schwarz bounds |q_i| · max_j |k_j| prove every exponential stays in range (`FROZEN_MAX_MARGIN`).
+rows' Cauchy–Schwarz bounds |q_i| · max_j |k_j| prove every exponential stays in range (`FROZEN_MAX_MARGIN`);
+with or without the ping-pong (without it, the hold test's one cross-warp reduction is serialized).
 The last wave (`tail_split`, chained): every cluster does the same work and they run in near lock-step waves, so the
 clusters left over after the last whole wave of cluster slots run instead as a few clusters each over consecutive
 key ranges, dispatched last; their O (fp32) and log-sum-exp are merged after the kernel (`plan_tail`, `_merge_tail`).
-`default_config(S)` picks the variant measured fastest on an H200 for the key length: 128-key blocks with the chained
-ping-pong in clusters of 2 and held maxima for long self-attention (~700 TFLOP/s at Wan-1.3B 480p vs cuDNN's 558
-through JAX), 128-key blocks with the overlap schedule for short (text) keys.
+`default_config(S)` picks the variant measured fastest for the key length: 128-key blocks in the chained schedule
+without the ping-pong, in clusters of 2, with held maxima for long self-attention (~700 TFLOP/s at Wan-1.3B 480p on
+an H200 vs cuDNN's 558 through JAX; 705 at the 700 W cap on an H100), 128-key blocks with the overlap schedule for
+short (text) keys.
 
 Lossy int8 mode (`int8_qk=True`, SageAttention's recipe): k is smoothed (its mean over tokens removed — the
 softmax does not see it), q is rounded to int8 with one scale per token and head, k with one per 192-key block
@@ -112,9 +114,8 @@ class MgpuConfig:
             raise ValueError(f"MgpuConfig: stages must be >= 2, got {self.stages}")
         if self.cluster not in (1, 2, 4):
             raise ValueError(f"MgpuConfig: cluster must be 1, 2 or 4, got {self.cluster}")
-        if self.frozen_max and not (self.chained and self.pingpong):
-            raise ValueError(f"MgpuConfig: frozen_max needs the chained ping-pong schedule (chained=True, "
-                             f"pingpong=True), got {self}")
+        if self.frozen_max and not self.chained:
+            raise ValueError(f"MgpuConfig: frozen_max needs the chained schedule (chained=True), got {self}")
         if self.chained and self.overlap:
             raise ValueError(f"MgpuConfig: chained is a variant of the two-phase schedule (overlap=False), got {self}")
         if self.tail_split and not self.chained:
@@ -132,10 +133,13 @@ class MgpuConfig:
 #   gone): 9.45-9.67 vs 9.84-10.08 ms at Wan-1.3B 480p, 49.3 vs 50.4 at 720p, 31.4-31.8 vs 33.0 at Wan-14B 480p, the
 #   chained ping-pong 0.3-0.7% of that; forward B=1 424.8 -> 409.3 ms, 14B 2,418 -> 2,348 (NOTES, session 19);
 #   and the last wave's clusters split over key ranges (`tail_split`): 9.38-9.42 vs 9.52-9.54 ms at Wan-1.3B 480p, the
-#   CFG batch -0.4 to -1.3%, 14B -0.3 to -0.9%, 720p unchanged (NOTES, session 20);
+#   CFG batch -0.4 to -1.3%, 14B -0.3 to -0.9%, 720p unchanged (NOTES, session 20); and the chained schedule
+#   without the ping-pong (the two warpgroups' softmax phases may overlap; with it they alternate, and a softmax
+#   phase longer than a warpgroup's matmuls idled the tensor cores): at the 700 W cap on an H100 9.354 vs 9.454 /
+#   9.501 ms, tensor share 89% vs 87%, bitwise the same output; forward B=1 409.5 vs 415.8 ms (NOTES, session 21);
 # - 512 text keys: 192-key blocks pad the third block (387 TFLOP/s), so 128-key blocks with the overlap
 #   schedule and no ping-pong (462; the ping-pong 128 variant: 444).
-LONG_KV_CONFIG = MgpuConfig(block_kv=128, cluster=2, frozen_max=True, chained=True, tail_split=True)
+LONG_KV_CONFIG = MgpuConfig(block_kv=128, cluster=2, frozen_max=True, chained=True, tail_split=True, pingpong=False)
 LONG_KV_INT8_CONFIG = MgpuConfig(block_kv=192)
 SHORT_KV_CONFIG = MgpuConfig(block_kv=128, overlap=True, pingpong=False)
 LONG_KV_FROM = 4096  # keys; measured points: 512 (short wins), 32,760 and 75,600 (long wins)
@@ -615,12 +619,17 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, k_norms, *, S: in
             s = logits(q_smem, 0)
             plgpu.barrier_arrive(k_free.at[0])
             # With frozen_max block 0 also decides whether this warpgroup holds its rows' maxima from here on — one
-            # value for all its threads (its wgmmas must take one branch), reduced across its warps inside its
-            # ping-pong softmax phase: that reduction's shared-memory scratch is the kernel's one, and the two
-            # warpgroups' softmax phases never overlap.
+            # value for all its threads (its wgmmas must take one branch), reduced across its warps. That reduction's
+            # shared-memory scratch is the kernel's one: the ping-pong's softmax phases never overlap; without the
+            # ping-pong, warpgroup 1's test waits for warpgroup 0's.
+            serialize_hold_test = frozen_max and not config.pingpong
+            if serialize_hold_test:
+                pl.when(wg == 1)(sched_sync)
             p, m, l, _, *held = softmax(s, m, l, kv_lo, ragged, q_rows,
                                         hold_bound=row_bound if frozen_max else None)
             p, m, l = lax.optimization_barrier((p, m, l))  # m depends on the hold test: its reduction stays here
+            if serialize_hold_test:
+                pl.when(wg == 0)(sched_sync)
 
             def matmul_phase_start(slot):
                 if config.pingpong:
