@@ -612,9 +612,10 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, k_norms, *, S: in
             return carry
 
         def chained(q_smem, q_rows, row_bound, carry0):
-            """Ping-pong, a warpgroup's matmuls back to back: per key block j, O += P_j V_j and S_{j+1} = Q K_{j+1}ᵀ are
-            issued together and awaited together, then the softmax of block j+1 (the other warpgroup's matmuls run
-            meanwhile). O stays in its wgmma accumulator throughout."""
+            """A warpgroup's matmuls back to back: per key block j, O += P_j V_j and S_{j+1} = Q K_{j+1}ᵀ are issued
+            together and awaited together, then the softmax of block j+1 (with the ping-pong the warpgroups take turns,
+            the other's matmuls running meanwhile; without it each runs on its own). O stays in its wgmma accumulator
+            throughout."""
             _, m, l = carry0
             s = logits(q_smem, 0)
             plgpu.barrier_arrive(k_free.at[0])
