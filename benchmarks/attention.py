@@ -77,7 +77,8 @@ DEFAULT_SHAPES = [s for s in SHAPES if not s.startswith("tiny_cpu")]
 # [,frozen_max[,chained[,tail_split]]]] and
 # triton:block_q,block_k,num_warps,num_stages (cuDNN first as the same-process baseline).
 SWEEP = {
-    "wan1.3b_480p": ("cudnn", "mgpu:64,128,2,0,0,2,1,1,1", "mgpu:64,128,2,0,1,2,1,1,1", "mgpu:64,128,2,0,1,2,1,1",
+    "wan1.3b_480p": ("cudnn", "mgpu:64,128,2,1,0,2,1,1,1", "mgpu:64,128,2,0,0,2,1,1,1", "mgpu:64,128,2,0,1,2,1,1,1",
+                     "mgpu:64,128,2,0,1,2,1,1",
                      "mgpu:64,192,2,0,1,2,1,1",
                      "mgpu:64,128,2,0,1,1,1,1",
                      "mgpu:64,192,2,0,1", "mgpu:64,192,2,0,1,2", "mgpu:64,192,2,0,1,4",

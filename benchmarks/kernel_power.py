@@ -12,7 +12,8 @@ mean clock and power, joules a call and picojoules a FLOP, and the tensor cores'
 measured clock (4,096 bf16 FLOP a clock an SM). `copy` is a memory-bound reference (TB/s instead of FLOPs);
 `forward` the whole B=1 forward the same way (its steady state under the cap, where dit_step.py times 5 calls
 from a cool card). `--attention-variants` adds rows for variants of our exact kernel (benchmarks/attention.py's
-syntax): short timings rank them at a cool card's clock, these at the cap.
+syntax), each with its output's largest difference from the default's: short timings rank them at a cool card's
+clock, these at the cap.
 """
 
 from __future__ import annotations
@@ -115,9 +116,13 @@ def main():
         row = {"kernel": name, **measure(*(forward() if name == "forward" else work[name]), args.seconds)}
         rows.append(row)
         print(row, flush=True)
+    default_fn, qkv, flop, _ = work["attention"]
+    reference = jax.block_until_ready(default_fn(*qkv)) if args.attention_variants else None
     for spec in filter(None, args.attention_variants.split(";")):
-        _, qkv, flop, _ = work["attention"]
-        row = {"kernel": f"attention {spec}", **measure(_make_fn(spec, kv_len_given=False), qkv, flop, 0, args.seconds)}
+        fn = _make_fn(spec, kv_len_given=False)
+        diff = jnp.abs(fn(*qkv).astype(jnp.float32) - reference.astype(jnp.float32)).max()
+        row = {"kernel": f"attention {spec}", "max_abs_diff_vs_default": float(diff),
+               **measure(fn, qkv, flop, 0, args.seconds)}
         rows.append(row)
         print(row, flush=True)
     write_results("kernel_power" + (f"_{args.tag}" if args.tag else ""), rows,

@@ -1,6 +1,8 @@
 """Helpers of the GPU benchmarks that can be checked here: the clock/power sampler's parsing and its CPU fallback, the
 profile's idle-gap accounting, and how a trace's collective time splits by what runs beside it."""
 
+import dataclasses
+
 import pytest
 
 from benchmarks.common import GpuSampler, clock_power_summary
@@ -67,7 +69,8 @@ def test_attention_bench_kernel_variant_syntax():
     assert _mgpu_config("mgpu:64,192,2,0,1") == MgpuConfig(block_kv=192)
     assert _mgpu_config("mgpu:64,192,2,0,1,2") == MgpuConfig(block_kv=192, cluster=2)
     assert _mgpu_config("mgpu:64,128,2,0,1,2,1,1") == MgpuConfig(cluster=2, frozen_max=True, chained=True)
-    assert _mgpu_config("mgpu:64,128,2,0,0,2,1,1,1") == LONG_KV_CONFIG
+    assert _mgpu_config("mgpu:64,128,2,1,0,2,1,1,1") == LONG_KV_CONFIG
+    assert _mgpu_config("mgpu:64,128,2,0,0,2,1,1,1") == dataclasses.replace(LONG_KV_CONFIG, overlap=False)
     assert _mgpu_config("mgpu:64,128,3,1,0") == MgpuConfig(block_kv=128, stages=3, overlap=True, pingpong=False)
 
 

@@ -14,7 +14,8 @@ registers). Three schedules:
     tensor cores drain between a warpgroup's two matmuls);
   - `overlap=True` (ping-pong optional): inside a warpgroup, S_{j+1} = Q K_{j+1}ᵀ and O += P_j V_j
     are issued together and the softmax of block j+1 runs while P_j V_j is still on the tensor cores
-    (FlashAttention-3's intra-warpgroup overlap).
+    (FlashAttention-3's intra-warpgroup overlap). With the online maximum O's rescale waits for P_j V_j;
+    `chained` + `overlap` runs it in held blocks only (`frozen_max`: O is never touched between them).
 Clusters (`cluster=2`): two CTAs with neighbouring query blocks of one head run as a cluster and each K/V block
 is loaded from L2 once for both — each CTA's TMA fetches half and multicasts it into both shared memories — so
 the L2 -> SMEM traffic halves (~5 TB/s at Wan-1.3B 480p without it: every 128 query rows read all of K and V).
@@ -27,9 +28,9 @@ The last wave (`tail_split`, chained): every cluster does the same work and they
 clusters left over after the last whole wave of cluster slots run instead as a few clusters each over consecutive
 key ranges, dispatched last; their O (fp32) and log-sum-exp are merged after the kernel (`plan_tail`, `_merge_tail`).
 `default_config(S)` picks the variant measured fastest for the key length: 128-key blocks in the chained schedule
-without the ping-pong, in clusters of 2, with held maxima for long self-attention (~700 TFLOP/s at Wan-1.3B 480p on
-an H200 vs cuDNN's 558 through JAX; 705 at the 700 W cap on an H100), 128-key blocks with the overlap schedule for
-short (text) keys.
+without the ping-pong, in clusters of 2, with held maxima and the held blocks' FA3 overlap for long self-attention
+(~717 TFLOP/s at Wan-1.3B 480p at the 700 W cap on an H200 vs cuDNN's 558 through JAX), 128-key blocks with the
+overlap schedule for short (text) keys.
 
 Lossy int8 mode (`int8_qk=True`, SageAttention's recipe): k is smoothed (its mean over tokens removed — the
 softmax does not see it), q is rounded to int8 with one scale per token and head, k with one per 192-key block
@@ -88,7 +89,8 @@ class MgpuConfig:
     block_q: int = 64  # query rows per compute warpgroup (a CTA covers 2 * block_q rows)
     block_kv: int = 128  # keys per pipeline step
     stages: int = 2  # depth of the K/V shared-memory ring
-    overlap: bool = False  # FA3 intra-warpgroup overlap of softmax with the P V matmul
+    # FA3 intra-warpgroup overlap of softmax with the P V matmul (with `chained` and `frozen_max`: in held blocks)
+    overlap: bool = False
     pingpong: bool = True  # alternate the two compute warpgroups' matmul phases
     # CTAs of a cluster (1, 2 or 4): neighbouring query blocks of one head that share each K/V block, loaded from L2
     # once and multicast into every CTA's shared memory (TMA multicast): 1 / cluster of the L2 -> SMEM traffic.
@@ -116,8 +118,9 @@ class MgpuConfig:
             raise ValueError(f"MgpuConfig: cluster must be 1, 2 or 4, got {self.cluster}")
         if self.frozen_max and not self.chained:
             raise ValueError(f"MgpuConfig: frozen_max needs the chained schedule (chained=True), got {self}")
-        if self.chained and self.overlap:
-            raise ValueError(f"MgpuConfig: chained is a variant of the two-phase schedule (overlap=False), got {self}")
+        if self.chained and self.overlap and (self.pingpong or not self.frozen_max):
+            raise ValueError("MgpuConfig: chained with overlap (the held blocks' FA3 overlap) needs frozen_max and no "
+                             f"ping-pong, got {self}")
         if self.tail_split and not self.chained:
             raise ValueError(f"MgpuConfig: tail_split needs the chained schedule (chained=True), got {self}")
 
@@ -137,9 +140,12 @@ class MgpuConfig:
 #   without the ping-pong (the two warpgroups' softmax phases may overlap; with it they alternate, and a softmax
 #   phase longer than a warpgroup's matmuls idled the tensor cores): at the 700 W cap on an H100 9.354 vs 9.454 /
 #   9.501 ms, tensor share 89% vs 87%, bitwise the same output; forward B=1 409.5 vs 415.8 ms (NOTES, session 21);
+#   and in held blocks FA3's overlap (S_{j+1} first, P_j V_j under block j + 1's softmax, P converted after the
+#   wait): at the cap on an H200 9.19-9.20 vs 9.34 ms, bitwise the same output; forward B=1 397.8 vs 404.4 (session 22);
 # - 512 text keys: 192-key blocks pad the third block (387 TFLOP/s), so 128-key blocks with the overlap
 #   schedule and no ping-pong (462; the ping-pong 128 variant: 444).
-LONG_KV_CONFIG = MgpuConfig(block_kv=128, cluster=2, frozen_max=True, chained=True, tail_split=True, pingpong=False)
+LONG_KV_CONFIG = MgpuConfig(block_kv=128, cluster=2, frozen_max=True, chained=True, tail_split=True, pingpong=False,
+                            overlap=True)
 LONG_KV_INT8_CONFIG = MgpuConfig(block_kv=192)
 SHORT_KV_CONFIG = MgpuConfig(block_kv=128, overlap=True, pingpong=False)
 LONG_KV_FROM = 4096  # keys; measured points: 512 (short wins), 32,760 and 75,600 (long wins)
@@ -543,7 +549,7 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, k_norms, *, S: in
 
             return pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), s_dtype))
 
-        def softmax(s, m, l, j, masked, q_rows, frozen=False, hold_bound=None):
+        def softmax(s, m, l, j, masked, q_rows, frozen=False, hold_bound=None, p_dtype=None):
             """Online-softmax update for key block j: returns (P in V's dtype, m, l, alpha); `frozen`: m is held
             (alpha None, nothing to rescale). `hold_bound` (the rows' logit bounds; the first block with frozen_max):
             also decides whether the warpgroup holds its rows' maxima from here on, and if so takes P against the
@@ -559,9 +565,9 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, k_norms, *, S: in
                 cols = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
                 keys = fp8_pv_key_of_column(cols) if fp8_pv else cols
                 s = jnp.where(keys < kv_end - j * block_kv, s, -jnp.inf)
-            if frozen:
+            if frozen:  # (P in `p_dtype` if given)
                 p = jnp.exp2(s * scale - lax.broadcast_in_dim(m, s.shape, [0]))
-                return p.astype(dtype), m, l + p.sum(axis=1), None
+                return p.astype(p_dtype or dtype), m, l + p.sum(axis=1), None
             m_new = jnp.maximum(m, s.max(axis=1) * scale)
             held = None
             if hold_bound is not None:  # one value for the warpgroup: see chained()
@@ -640,7 +646,31 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, k_norms, *, S: in
                     plgpu.barrier_wait(sched)
 
             def run(frozen, carry, o_ref):
+                def held_overlap_body(j, carry, masked):  # S_{j+1}, then P_j V_j running under block j + 1's softmax
+                    p, m, l = carry
+                    slot, nxt = lax.rem(j, stages), lax.rem(j + 1, stages)
+                    plgpu.barrier_wait(k_ready.at[nxt])
+
+                    def qk_then_pv(s_ref):
+                        plgpu.wgmma(s_ref, q_smem, k_smem.at[nxt].T)
+                        plgpu.barrier_wait(v_ready.at[slot])
+                        plgpu.wgmma(o_ref, p, v_smem.at[slot])
+                        return plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # S_{j+1} done, P_j V_j may still run
+
+                    s = pl.run_scoped(qk_then_pv, plgpu.ACC((block_q, block_kv), s_dtype))
+                    plgpu.barrier_arrive(k_free.at[nxt])
+                    p, m, l, _ = softmax(s, m, l, kv_lo + j + 1, masked, q_rows, frozen, p_dtype=jnp.float32)
+                    p, l = lax.optimization_barrier((p, l))  # computed under P_j V_j
+                    plgpu.wgmma_wait(0)  # P_j V_j done: V's slot is free
+                    plgpu.barrier_arrive(v_free.at[slot])
+                    # P_{j+1}'s wgmma registers are written only now: ptxas serializes every wgmma where they are
+                    # written while a wgmma is in flight (as FlashAttention-3 converts P after its wait)
+                    p = lax.optimization_barrier(p).astype(dtype)
+                    return p, m, l
+
                 def body(j, carry, masked):  # P_j V_j, then block j + 1's logits and softmax
+                    if frozen and config.overlap:
+                        return held_overlap_body(j, carry, masked)
                     p, m, l = carry
                     slot, nxt = lax.rem(j, stages), lax.rem(j + 1, stages)
                     matmul_phase_start(slot)
@@ -757,8 +787,8 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, k_norms, *, S: in
             plgpu.barrier_wait(k_ready.at[0])  # n_kv >= 1 always (kv_end is clipped to >= 1)
             if config.pingpong:
                 pl.when(wg == 1)(sched_sync)  # offsets warpgroup 1 by one phase
-            schedule = (functools.partial(overlapped, q_smem, q_rows) if config.overlap else
-                        functools.partial(chained, q_smem, q_rows, row_bound) if config.chained else
+            schedule = (functools.partial(chained, q_smem, q_rows, row_bound) if config.chained else
+                        functools.partial(overlapped, q_smem, q_rows) if config.overlap else
                         functools.partial(two_phase, q_smem, q_rows))
             acc, m, l = schedule((acc, m, l))
             if config.pingpong:
