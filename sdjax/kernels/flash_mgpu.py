@@ -141,7 +141,9 @@ class MgpuConfig:
 #   phase longer than a warpgroup's matmuls idled the tensor cores): at the 700 W cap on an H100 9.354 vs 9.454 /
 #   9.501 ms, tensor share 89% vs 87%, bitwise the same output; forward B=1 409.5 vs 415.8 ms (NOTES, session 21);
 #   and in held blocks FA3's overlap (S_{j+1} first, P_j V_j under block j + 1's softmax, P converted after the
-#   wait): at the cap on an H200 9.19-9.20 vs 9.34 ms, bitwise the same output; forward B=1 397.8 vs 404.4 (session 22);
+#   wait): at the cap 9.19-9.20 vs 9.34 ms on an H200, 9.11-9.15 vs 9.27 on an H100, bitwise the same output;
+#   forward B=1 397.8 vs 404.4 (H200) and 402.7 vs 408.5 (H100), 720p 1,694 vs 1,735 (NOTES, session 22) — where held
+#   rows' largest P is tiny (q x 8 data, ~2^-46) 4% slower than without (not understood);
 # - 512 text keys: 192-key blocks pad the third block (387 TFLOP/s), so 128-key blocks with the overlap
 #   schedule and no ping-pong (462; the ping-pong 128 variant: 444).
 LONG_KV_CONFIG = MgpuConfig(block_kv=128, cluster=2, frozen_max=True, chained=True, tail_split=True, pingpong=False,
