@@ -102,7 +102,8 @@ class MgpuConfig:
     # Two-phase only: a warpgroup issues O += P_j V_j and S_{j+1} = Q K_{j+1}ᵀ back to back and awaits them together,
     # so its tensor-core phase has no drain between the two (the plain schedule waits for P V before issuing Q Kᵀ).
     # Made for held maxima (O untouched between blocks); with the online maximum at 192-key blocks it measured 2.3x
-    # slower (O's rescale beside S, P and O in flight: NOTES, session 19).
+    # slower (O's rescale beside S, P and O in flight: NOTES, session 19). With `overlap` (and `frozen_max`) the held
+    # blocks run FA3's overlap instead; the online fallback stays chained.
     chained: bool = False
     # Chained only: the CTA clusters of the last, partly filled wave (every cluster does the same work, so the SMs
     # would idle while it runs) split their keys into a few ranges each, run as more, shorter clusters and merged by
@@ -661,7 +662,7 @@ def _flash_mgpu(q, k, v, kv_len, key_bias, qk_scales, v_scale, k_norms, *, S: in
 
                     s = pl.run_scoped(qk_then_pv, plgpu.ACC((block_q, block_kv), s_dtype))
                     plgpu.barrier_arrive(k_free.at[nxt])
-                    p, m, l, _ = softmax(s, m, l, kv_lo + j + 1, masked, q_rows, frozen, p_dtype=jnp.float32)
+                    p, m, l, _ = softmax(s, m, l, kv_lo + j + 1, masked, q_rows, frozen=True, p_dtype=jnp.float32)
                     p, l = lax.optimization_barrier((p, l))  # computed under P_j V_j
                     plgpu.wgmma_wait(0)  # P_j V_j done: V's slot is free
                     plgpu.barrier_arrive(v_free.at[slot])
